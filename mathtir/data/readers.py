@@ -1,0 +1,248 @@
+"""Stream training records from JSONL (plain or gzip), Parquet and HF `datasets` save_to_disk directories.
+
+Memory stays bounded: JSONL is read line by line, Parquet and Arrow in record batches. Every record gets a
+location ("file:line" or "file row N") so any error or drop can be traced back to its source. A bad record is
+yielded as an ``InvalidRecord`` (never skipped here): the caller raises or counts it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+_BATCH_ROWS = 1024
+
+
+class DataError(ValueError):
+    """Bad training data; the message names the file, the line/row and the field."""
+
+
+@dataclass(frozen=True)
+class FieldMap:
+    """Which input field holds what. ``messages`` (a chat list) replaces problem/response when set."""
+
+    problem: str | None = "problem"
+    response: str | None = "generated_solution"
+    expected_answer: str | None = "expected_answer"  # None: no answer check possible
+    mode: str | None = None  # e.g. OpenMathReasoning's inference_mode (cot / tir / genselect)
+    messages: str | None = None
+
+
+@dataclass(frozen=True)
+class Record:
+    source: int  # index of the input file in the config's list
+    index: int  # record number within that file, 0-based
+    location: str
+    problem: str
+    response: str
+    expected_answer: str | None
+    mode: str | None
+
+
+@dataclass(frozen=True)
+class InvalidRecord:
+    source: int
+    index: int
+    location: str
+    field: str | None
+    reason: str
+
+    def message(self) -> str:
+        where = f"field '{self.field}': " if self.field else ""
+        return f"{self.location}: {where}{self.reason}"
+
+
+def detect_format(path: Path) -> str:
+    if path.is_dir():
+        return "hf_disk"
+    name = path.name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson")):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    raise DataError(f"{path}: cannot tell the format from the name; set format: jsonl | parquet | hf_disk")
+
+
+def input_files(path: Path, fmt: str) -> list[Path]:
+    """The files behind one input (an HF directory holds several Arrow files, possibly per split)."""
+    if fmt != "hf_disk":
+        if not path.is_file():
+            raise DataError(f"{path}: input file not found")
+        return [path]
+    if not path.is_dir():
+        raise DataError(f"{path}: HF datasets directory not found")
+    state = path / "state.json"
+    if not state.is_file():
+        raise DataError(f"{path}: not a `datasets` save_to_disk directory (no state.json; for a DatasetDict "
+                        f"point at one split's subdirectory, e.g. {path}/train)")
+    try:
+        names = [entry["filename"] for entry in json.loads(state.read_text())["_data_files"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DataError(f"{state}: unreadable state.json ({exc})") from exc
+    return [path / name for name in names]
+
+
+def iter_rows(path: Path, fmt: str, columns: Sequence[str]) -> Iterator[tuple[str, dict | InvalidRecord]]:
+    """(location, raw dict) for every record of one input; InvalidRecord for unparseable ones."""
+    if fmt == "jsonl":
+        yield from _jsonl_rows(path)
+    elif fmt == "parquet":
+        yield from _parquet_rows(path, columns)
+    elif fmt == "hf_disk":
+        for arrow_file in input_files(path, fmt):
+            yield from _arrow_rows(arrow_file, columns)
+    else:
+        raise DataError(f"{path}: unknown format {fmt!r} (jsonl | parquet | hf_disk)")
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict | InvalidRecord]]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    seen_any = False
+    try:
+        with opener(path, "rb") as f:
+            for line_number, raw in enumerate(f, start=1):
+                seen_any = True
+                where = f"{path}:{line_number}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    yield where, InvalidRecord(-1, -1, where, None,
+                                               f"non-UTF-8 byte 0x{raw[exc.start]:02x} at column {exc.start + 1}")
+                    continue
+                if not line.strip():
+                    yield where, InvalidRecord(-1, -1, where, None, "empty line")
+                    continue
+                try:
+                    value = json.loads(line.rstrip("\r\n"))
+                except json.JSONDecodeError as exc:
+                    yield where, InvalidRecord(-1, -1, where, None, f"malformed JSON ({exc.msg} at column {exc.colno})")
+                    continue
+                if not isinstance(value, dict):
+                    yield where, InvalidRecord(-1, -1, where, None, f"expected a JSON object, got {type(value).__name__}")
+                    continue
+                yield where, value
+    except (OSError, EOFError) as exc:  # truncated or corrupt gzip
+        raise DataError(f"{path}: cannot read ({exc})") from exc
+    if not seen_any:
+        yield f"{path}", InvalidRecord(-1, -1, f"{path}", None, "empty file (no records)")
+
+
+def _table_batches_rows(path: Path, batches, schema: pa.Schema, columns: Sequence[str], label: str
+                        ) -> Iterator[tuple[str, dict | InvalidRecord]]:
+    missing = [c for c in columns if c not in schema.names]
+    if missing:
+        raise DataError(f"{path}: missing field '{missing[0]}' (columns present: {', '.join(schema.names)})")
+    row = 0
+    for batch in batches:
+        for value in batch.select(list(columns)).to_pylist():
+            yield f"{path} {label} {row}", value
+            row += 1
+    if row == 0:
+        yield f"{path}", InvalidRecord(-1, -1, f"{path}", None, "empty file (no records)")
+
+
+def _parquet_rows(path: Path, columns: Sequence[str]) -> Iterator[tuple[str, dict | InvalidRecord]]:
+    try:
+        parquet = pq.ParquetFile(path)
+        schema = parquet.schema_arrow
+        batches = parquet.iter_batches(batch_size=_BATCH_ROWS, columns=[c for c in columns if c in schema.names])
+        yield from _table_batches_rows(path, batches, schema, columns, "row")
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from exc
+
+
+def _arrow_rows(path: Path, columns: Sequence[str]) -> Iterator[tuple[str, dict | InvalidRecord]]:
+    # `datasets` writes Arrow IPC streams; memory-mapped, so batches are read lazily.
+    try:
+        source = pa.memory_map(str(path))
+        try:
+            reader = pa.ipc.open_stream(source)
+            batches = iter(reader)
+        except pa.ArrowInvalid:
+            source = pa.memory_map(str(path))
+            reader = pa.ipc.open_file(source)
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        yield from _table_batches_rows(path, batches, reader.schema, columns, "row")
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{path}: not a readable Arrow file ({exc})") from exc
+
+
+def _text(value, field: str) -> str | InvalidRecord:
+    if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
+        return InvalidRecord(-1, -1, "", field, "missing" if value is None else
+                             f"must be a string or number, got {type(value).__name__}")
+    text = value if isinstance(value, str) else json.dumps(value)
+    if not text.strip():
+        return InvalidRecord(-1, -1, "", field, "empty")
+    return text
+
+
+def map_fields(raw: dict, fields: FieldMap) -> dict[str, str | None] | InvalidRecord:
+    """problem / response / expected_answer / mode from one raw record, by the configured field names."""
+    out: dict[str, str | None] = {"expected_answer": None, "mode": None}
+    if fields.messages:
+        messages = raw.get(fields.messages)
+        if not isinstance(messages, list):
+            return InvalidRecord(-1, -1, "", fields.messages, "missing" if messages is None else "must be a list")
+        by_role: dict[str, list[str]] = {}
+        for turn in messages:
+            if not isinstance(turn, dict) or not isinstance(turn.get("content"), str):
+                return InvalidRecord(-1, -1, "", fields.messages, "each message needs a string 'content'")
+            by_role.setdefault(str(turn.get("role")), []).append(turn["content"])
+        if len(by_role.get("user", [])) != 1 or len(by_role.get("assistant", [])) != 1:
+            return InvalidRecord(-1, -1, "", fields.messages,
+                                 "expected exactly one user and one assistant message (multi-turn is unsupported)")
+        out["problem"], out["response"] = by_role["user"][0], by_role["assistant"][0]
+    else:
+        for key in ("problem", "response"):
+            name = getattr(fields, key)
+            if name not in raw:
+                return InvalidRecord(-1, -1, "", name, "missing")
+            value = _text(raw[name], name)
+            if isinstance(value, InvalidRecord):
+                return value
+            out[key] = value
+    for key in ("expected_answer", "mode"):
+        name = getattr(fields, key)
+        if name is None:
+            continue
+        value = _text(raw.get(name), name)
+        if isinstance(value, InvalidRecord):
+            return value
+        out[key] = value
+    return out
+
+
+def required_columns(fields: FieldMap) -> list[str]:
+    names = [fields.messages] if fields.messages else [fields.problem, fields.response]
+    names += [n for n in (fields.expected_answer, fields.mode) if n]
+    return list(dict.fromkeys(n for n in names if n))
+
+
+def iter_records(inputs: Sequence[tuple[Path, str]], fields: FieldMap, *, part: int = 0, num_parts: int = 1
+                 ) -> Iterator[Record | InvalidRecord]:
+    """Records of all inputs in order; with num_parts > 1 only every num_parts-th one (array jobs).
+
+    Ownership is by global record number, so parts never overlap and their union is the whole input.
+    """
+    columns = required_columns(fields)
+    number = -1
+    for source, (path, fmt) in enumerate(inputs):
+        for index, (where, raw) in enumerate(iter_rows(path, fmt, columns)):
+            number += 1
+            if number % num_parts != part:
+                continue
+            if isinstance(raw, InvalidRecord):
+                yield InvalidRecord(source, index, where, raw.field, raw.reason)
+                continue
+            mapped = map_fields(raw, fields)
+            if isinstance(mapped, InvalidRecord):
+                yield InvalidRecord(source, index, where, mapped.field, mapped.reason)
+                continue
+            yield Record(source=source, index=index, location=where, **mapped)
