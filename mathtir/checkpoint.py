@@ -1,0 +1,176 @@
+"""mathtir's checkpoint directory: megatron-core distributed checkpoints (torch_dist) plus the HF identity.
+
+```
+<root>/hf_config.json                      the HF config.json the model is built from (architecture truth)
+<root>/tokenizer/                          tokenizer files, chat template, generation_config.json
+<root>/latest_checkpointed_iteration.txt   "N", written last (after every rank finished iteration N)
+<root>/iter_{N:07d}/                       dist_checkpointing torch_dist; top-level keys "model" and, from
+                                           the trainer, "optimizer", "scheduler", "data", "rng", "args"
+```
+torch_dist checkpoints are resharded on load: a checkpoint written at one TP/PP loads at another.
+`save`/`load` take the whole nested (sharded) state dict so the trainer's extra keys travel with the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from mathtir import cpu_compat
+from mathtir.distributed import barrier, rank
+
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+HF_CONFIG_FILE = "hf_config.json"
+TOKENIZER_DIR = "tokenizer"
+# What an HF export needs besides weights and config.json (whichever of them the source has).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
+def iteration_dir(root: str | Path, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def latest_iteration(root: str | Path) -> int | None:
+    path = Path(root) / LATEST_FILE
+    if not path.is_file():
+        return None
+    text = path.read_text().strip()
+    if not text.isdigit():
+        raise ValueError(f"{path}: expected an iteration number, found {text!r}")
+    return int(text)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the tokenizer/chat-template/generation-config files `src` has; returns the names copied."""
+    src, dst = Path(src), Path(dst)
+    if (src / TOKENIZER_DIR).is_dir() and (src / HF_CONFIG_FILE).is_file():
+        src = src / TOKENIZER_DIR  # a mathtir checkpoint root
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def save(root: str | Path, iteration: int, state: dict, *, spec, tokenizer_src: str | Path | None = None) -> Path:
+    """Collective: every rank calls it with its own sharded state dict. Returns the iteration directory.
+
+    The latest-iteration file is updated only after all ranks finished writing, so an interrupted save
+    leaves the previous iteration as the one a resume picks up.
+    """
+    from megatron.core import dist_checkpointing
+
+    if "model" not in state:
+        raise KeyError("checkpoint state must have a 'model' entry")
+    root = Path(root)
+    target = iteration_dir(root, iteration)
+    if rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        _atomic_write(root / HF_CONFIG_FILE, json.dumps(spec.hf_config, indent=2, sort_keys=True) + "\n")
+        if tokenizer_src is not None and not (root / TOKENIZER_DIR).is_dir():
+            tmp = root / f"{TOKENIZER_DIR}.tmp{os.getpid()}"
+            copy_tokenizer_files(tokenizer_src, tmp)
+            tmp.rename(root / TOKENIZER_DIR)
+        if target.exists():  # left by an interrupted save of this iteration
+            shutil.rmtree(target)
+        target.mkdir()
+    barrier()
+    with cpu_compat.cuda_on_cpu():
+        dist_checkpointing.save(state, str(target), sharded_strategy=("torch_dist", 1))
+    barrier()
+    if rank() == 0:
+        _atomic_write(root / LATEST_FILE, f"{iteration}\n")
+    barrier()
+    return target
+
+
+def _check_against_metadata(template: dict, ckpt_dir: Path) -> None:
+    """Name the first tensor whose key or global shape differs, before torch_dist fails obscurely."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    stored = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
+    for value in nested_values(template.get("model", {})):
+        if not isinstance(value, ShardedTensor):
+            continue
+        if value.key not in stored:
+            raise KeyError(f"{ckpt_dir}: tensor {value.key!r} is missing (a checkpoint of another architecture?)")
+        have, want = tuple(stored[value.key].global_shape), tuple(value.global_shape)
+        if have != want:
+            raise ValueError(
+                f"{ckpt_dir}: tensor {value.key!r} has shape {have} but the model expects {want} "
+                "(a checkpoint of another architecture or config?)"
+            )
+
+
+def load(root: str | Path, state_template: dict, iteration: int | None = None) -> dict:
+    """Load the sharded entries of `state_template` (e.g. {"model": model.sharded_state_dict()}) from
+    iteration `iteration` (default: the latest) of `root`, resharding as needed. Collective."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    if iteration is None:
+        iteration = latest_iteration(root)
+        if iteration is None:
+            raise FileNotFoundError(f"{root}: no {LATEST_FILE}; not a mathtir checkpoint directory")
+    ckpt_dir = iteration_dir(root, iteration)
+    if not (ckpt_dir / "metadata.json").is_file():
+        raise FileNotFoundError(f"{ckpt_dir}: missing or incomplete checkpoint (no metadata.json)")
+    _check_against_metadata(state_template, ckpt_dir)
+    with cpu_compat.cuda_on_cpu():
+        return dist_checkpointing.load(state_template, str(ckpt_dir))
+
+
+def model_sharded_state_dict(chunks: list) -> dict:
+    """The "model" entry for a rank's model chunks (one per virtual pipeline stage)."""
+    if len(chunks) == 1:
+        return chunks[0].sharded_state_dict()
+    return {f"vp{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def load_model(root: str | Path, chunks: list, iteration: int | None = None) -> None:
+    """Load only the weights of `root` (latest iteration by default) into `chunks` in place."""
+    loaded = load(root, {"model": model_sharded_state_dict(chunks)}, iteration)["model"]
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(loaded)
+    else:
+        for i, chunk in enumerate(chunks):
+            chunk.load_state_dict(loaded[f"vp{i}"])
+
+
+def stored_dtype(root: str | Path, iteration: int | None = None) -> torch.dtype:
+    """The dtype the model weights were saved in (bf16 from training, fp32/bf16 from import)."""
+    from megatron.core import dist_checkpointing
+
+    iteration = latest_iteration(root) if iteration is None else iteration
+    if iteration is None:
+        raise FileNotFoundError(f"{root}: no {LATEST_FILE}; not a mathtir checkpoint directory")
+    meta = dist_checkpointing.load_tensors_metadata(str(iteration_dir(root, iteration)))
+    key = "embedding.word_embeddings.weight"
+    if key not in meta:
+        raise KeyError(f"{iteration_dir(root, iteration)}: no {key!r}; not a GPT checkpoint")
+    return meta[key].dtype

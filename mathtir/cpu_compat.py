@@ -1,0 +1,190 @@
+"""Run megatron-core's real TP/PP/DP code paths on a machine without a GPU (tests, CI, login-node smoke runs).
+
+megatron-core hard-codes CUDA in a few places on the paths mathtir uses (see
+shared/notes/megatron-on-cpu.md, each confirmed necessary by removing it). On CPU:
+
+* process-wide, `activate()` makes `torch.cuda`'s device/RNG/stream helpers mean "the CPU" (they would
+  only raise without CUDA), points the model-parallel RNG tracker at the CPU generator and builds the
+  default causal mask on the CPU;
+* `cuda_on_cpu()` is a context manager mapping literal `device="cuda"` / `.cuda()` / `Tensor.type()`
+  checks to the CPU. It is thread-local and makes `Tensor.type()` report CUDA types, so it is entered only
+  around the calls that need it: optimizer construction and `step()`, the pipeline schedule call,
+  checkpoint save/load and model construction with tied embeddings across pipeline stages.
+* `fix_distributed_optimizer_state(optimizer)` makes distributed-optimizer checkpoints of the torch AdamW
+  fallback (no Apex/TE) resume exactly (it is not a CPU issue, so it applies everywhere).
+
+The layer patches private megatron-core internals, so it is pinned to the version it was written and
+tested against and refuses to run on another one. Nothing here is active when CUDA is available.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import logging
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+WRITTEN_FOR_MEGATRON_CORE = ("0.16.1",)
+
+_active = False
+
+
+def activate() -> bool:
+    """Install the CPU patches when no GPU is present. Returns True if they are (now) active."""
+    global _active
+    if torch.cuda.is_available():
+        return False
+    if _active:
+        return True
+    _check_megatron_version()
+    _patch_torch_cuda()
+    _patch_rng_tracker()
+    _patch_causal_mask()
+    _active = True
+    return True
+
+
+def is_active() -> bool:
+    return _active
+
+
+def _check_megatron_version() -> None:
+    import megatron.core
+
+    version = getattr(megatron.core, "__version__", "unknown")
+    if version not in WRITTEN_FOR_MEGATRON_CORE:
+        raise RuntimeError(
+            f"mathtir.cpu_compat was written for megatron-core {', '.join(WRITTEN_FOR_MEGATRON_CORE)} and patches "
+            f"its internals; found megatron-core {version}. CPU runs need the pinned version "
+            "(pip install megatron-core==0.16.1); GPU runs do not use this layer."
+        )
+
+
+def _replace(module_name: str, attr: str, replacement) -> None:
+    """Swap `module.attr`, failing loudly if megatron-core/torch no longer has it (the patch would be moot)."""
+    module = importlib.import_module(module_name)
+    if not hasattr(module, attr):
+        raise RuntimeError(
+            f"mathtir.cpu_compat: {module_name}.{attr} does not exist in this version; the CPU layer must be updated"
+        )
+    setattr(module, attr, replacement)
+
+
+class _NoStream:
+    """Stands in for torch.cuda.Stream/Event: on CPU every op is already complete when it returns."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return _NoStream()
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def wait(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+def _patch_torch_cuda() -> None:
+    # Megatron passes torch.cuda.current_device() as a `device=` argument; a torch.device is valid there.
+    cpu = torch.device("cpu")
+    _replace("torch.cuda", "current_device", lambda: cpu)
+    _replace("torch.cuda", "synchronize", lambda device=None: None)
+    _replace("torch.cuda", "Stream", _NoStream)
+    _replace("torch.cuda", "Event", _NoStream)
+    _replace("torch.cuda", "current_stream", lambda device=None: _NoStream())
+    _replace("torch.cuda", "default_stream", lambda device=None: _NoStream())
+    _replace("torch.cuda", "stream", lambda stream=None: contextlib.nullcontext())
+    _replace("torch.cuda", "empty_cache", lambda: None)
+    # The "CUDA" generator of a CPU process is the CPU generator.
+    _replace("torch.cuda", "get_rng_state", lambda device="cuda": torch.get_rng_state())
+    _replace("torch.cuda", "set_rng_state", lambda new_state, device="cuda": torch.set_rng_state(new_state))
+    _replace("torch.cuda", "manual_seed", lambda seed: torch.manual_seed(seed))
+
+
+def _patch_rng_tracker() -> None:
+    # The tracker forks per-rank streams (TP-rank-dependent dropout/init) by saving and restoring the device
+    # generator; on CPU that generator is torch's default one. fork() itself stays real.
+    def get_state(device="cuda", clone=False, graph_safe=False):
+        return torch.get_rng_state()
+
+    def set_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    _replace("megatron.core.tensor_parallel.random", "_get_cuda_rng_state", get_state)
+    _replace("megatron.core.tensor_parallel.random", "_set_cuda_rng_state", set_state)
+
+    # fork() warns when the CPU generator moves inside it; on CPU that generator IS the forked one, so the
+    # warning is always a false alarm.
+    class _DropForkWarning(logging.Filter):
+        def filter(self, record):
+            return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+    logging.getLogger("megatron.core.tensor_parallel.random").addFilter(_DropForkWarning())
+
+
+def _patch_causal_mask() -> None:
+    @functools.lru_cache(maxsize=32)
+    def get_default_causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, device="cpu"), diagonal=1).bool()
+
+    # fused_softmax imported the function by name, so patch it where it is called.
+    _replace("megatron.core.transformer.utils", "get_default_causal_mask", get_default_causal_mask)
+    _replace("megatron.core.fusions.fused_softmax", "get_default_causal_mask", get_default_causal_mask)
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return False
+
+
+class _CudaAsCpu(TorchFunctionMode):
+    """Maps CUDA device requests to the CPU and makes `Tensor.type()` answer with the CUDA type names
+    that megatron's optimizer code asserts on."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to:
+            args = tuple("cpu" if _is_cuda(a) else a for a in args)
+        kwargs.pop("pin_memory", None)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def cuda_on_cpu():
+    """Inside: literal CUDA device requests land on the CPU. A no-op when CUDA is available or the layer
+    is not active."""
+    if not _active:
+        yield
+        return
+    with _CudaAsCpu():
+        yield
