@@ -1,0 +1,180 @@
+"""Data recipes (nemo_configs/data_*.yaml): the schema, loading with ``key=value`` overrides, validation.
+
+Like the training recipes, the schema is the single list of accepted keys: a misspelt key is an error, never a
+silent default. Paths are relative to the working directory (the repository root for the shipped recipes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+
+from mathtir.config import ConfigError
+
+
+@dataclass
+class FieldsConfig:
+    """Input field names (OpenMathReasoning defaults). ``messages`` replaces problem/response when set."""
+
+    problem: str | None = "problem"
+    response: str | None = "generated_solution"
+    expected_answer: str | None = "expected_answer"  # null: the answer filter cannot run and is skipped
+    mode: str | None = None  # e.g. inference_mode; needed by filters.modes
+    messages: str | None = None
+
+
+@dataclass
+class TemplateConfig:
+    name: str = "llmjp"  # mathtir.formats.get_template: llmjp | chat | llama3 | chatml
+    system: str | None = None  # null: the template's default system line
+
+
+@dataclass
+class FiltersConfig:
+    modes: list[str] | None = None  # keep only records whose `mode` field is one of these
+    require_code: bool = False  # TIR sets: drop samples without a code block
+    code_output_pairs: bool = True  # every code block is followed by an output block
+    no_boxed_before_code: bool = True  # no \boxed answer before the first code block
+    answer_matches: bool = True  # the response's last \boxed{} is equivalent to expected_answer
+
+
+@dataclass
+class VerifyConfig:
+    enabled: bool = False  # re-run every code block through the sandbox and compare the recorded outputs
+    workers: int = 2  # sandbox workers
+    timeout_s: float = 10.0  # per code block
+    memory_mb: int = 1024
+    float_rel_tol: float = 1e-6  # numbers in outputs compare with this relative tolerance
+    output_max_chars: int = 1000  # recorded outputs cut at this length by the generating sandbox also match
+    allow_degraded: bool = False  # passed to SandboxPool (only where bwrap cannot run; never for real data)
+
+
+@dataclass
+class DedupConfig:
+    exact: bool = True  # same (problem, response) after normalization
+    near: bool = False  # MinHash + LSH near duplicates of the (problem, response) text
+    near_threshold: float = 0.9  # estimated Jaccard similarity of character shingles
+    num_perm: int = 64
+    bands: int = 16
+    shingle: int = 5
+
+
+@dataclass
+class DecontamConfig:
+    eval_sets: list[str] = field(default_factory=list)  # JSONL/Parquet files with `id` and `problem` fields
+    id_field: str = "id"
+    problem_field: str = "problem"
+    ngram: int = 13  # words; a CJK character is one word
+    min_overlap: float = 0.5  # share of an eval problem's n-grams found in a training problem
+
+
+@dataclass
+class PackConfig:
+    rows_per_shard: int = 2048
+    row_group_size: int = 32  # the loader reads one row group at a time
+
+
+@dataclass
+class DataRecipe:
+    name: str = MISSING
+    inputs: list[str] = MISSING  # files or HF save_to_disk directories
+    input_format: str = "auto"  # auto | jsonl | parquet | hf_disk
+    output_dir: str = MISSING
+    tokenizer: str = MISSING  # a local HF tokenizer directory (fast tokenizer)
+    seq_length: int = 4096
+    seed: int = 1234
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+    dialect: str = "tir"  # tir | openmath
+    train_on_outputs: bool = True  # the reference trains on output blocks too
+    skip_invalid: bool = False  # count and list bad records instead of stopping at the first
+    workers: int = 0  # tokenizing/filtering processes; 0 = all cores
+    batch_size: int = 256  # records per worker task
+    fields: FieldsConfig = field(default_factory=FieldsConfig)
+    filters: FiltersConfig = field(default_factory=FiltersConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    decontam: DecontamConfig = field(default_factory=DecontamConfig)
+    pack: PackConfig = field(default_factory=PackConfig)
+
+
+FORMATS = ("auto", "jsonl", "parquet", "hf_disk")
+DIALECTS = ("tir", "openmath")
+
+
+def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)
+    except ConfigKeyError as exc:
+        raise ConfigError(f"{source}: unknown key '{exc.full_key}' (accepted keys: mathtir/data/config.py)") from exc
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: key '{exc.full_key}': {str(exc.msg).splitlines()[0]}") from exc
+
+
+def load_data_recipe(path: str | Path, overrides: list[str] = ()) -> DictConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: data recipe not found")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as exc:  # yaml errors of several types: name the file
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    cfg = _merge(OmegaConf.structured(DataRecipe), raw, str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key=value (e.g. seq_length=2048)")
+        try:
+            layer = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"override '{item}': {exc}") from exc
+        cfg = _merge(cfg, layer, f"override '{item.split('=', 1)[0]}'")
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as exc:
+        raise ConfigError(f"{path}: required key '{exc.full_key}' is not set (pass {exc.full_key}=...)") from exc
+    validate(cfg, str(path))
+    return cfg
+
+
+def validate(cfg: DictConfig, source: str) -> None:
+    def check(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"{source}: key '{key}': {message}")
+
+    check(len(cfg.inputs) > 0, "inputs", "needs at least one input")
+    check(cfg.input_format in FORMATS, "input_format", f"'{cfg.input_format}' is not one of {FORMATS}")
+    check(cfg.dialect in DIALECTS, "dialect", f"'{cfg.dialect}' is not one of {DIALECTS}")
+    check(cfg.seq_length >= 2, "seq_length", "must be >= 2")
+    check(cfg.workers >= 0 and cfg.batch_size >= 1, "workers", "workers must be >= 0 and batch_size >= 1")
+    check(cfg.fields.messages is not None or (cfg.fields.problem and cfg.fields.response), "fields",
+          "set fields.problem and fields.response, or fields.messages")
+    check(cfg.filters.modes is None or cfg.fields.mode is not None, "filters.modes", "needs fields.mode")
+    check(cfg.verify.workers >= 1 and cfg.verify.timeout_s > 0, "verify", "workers >= 1 and timeout_s > 0")
+    check(0 < cfg.dedup.near_threshold <= 1, "dedup.near_threshold", "must be in (0, 1]")
+    check(cfg.dedup.num_perm % cfg.dedup.bands == 0, "dedup.bands", "must divide dedup.num_perm")
+    check(cfg.decontam.ngram >= 1 and 0 < cfg.decontam.min_overlap <= 1, "decontam",
+          "ngram >= 1 and min_overlap in (0, 1]")
+    check(cfg.pack.rows_per_shard >= 1 and cfg.pack.row_group_size >= 1, "pack", "sizes must be >= 1")
+
+
+# Keys that change how the work is done but not its result: a part written with other values is reused.
+_EXECUTION_ONLY = ("workers", "batch_size", "name")
+
+
+def fingerprint(cfg: DictConfig) -> str:
+    """Identity of everything that determines the shards (config + input file sizes and mtimes)."""
+    content = OmegaConf.to_container(cfg, resolve=True)
+    for key in _EXECUTION_ONLY:
+        content.pop(key, None)
+    content["verify"] = {k: v for k, v in content["verify"].items() if k != "workers"}
+    stats = []
+    for p in content["inputs"]:
+        path = Path(p)
+        if path.exists():
+            files = sorted(path.rglob("*")) if path.is_dir() else [path]
+            stats.append([(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()])
+    return hashlib.sha256(json.dumps([content, stats], sort_keys=True).encode()).hexdigest()
