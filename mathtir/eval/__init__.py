@@ -1,0 +1,1 @@
+"""Evaluation: sampler backends, the TIR loop, per-sample records with resume, metrics and report."""

@@ -1,0 +1,117 @@
+"""Per-sample records: one JSON line per finished sample, fsync'd at once, so a killed job resumes exactly.
+
+A rerun with the same output directory reads the file back, skips every (problem id, sample index) already
+there and generates only the rest: nothing lost, nothing duplicated. A line torn by a kill mid-write (no
+trailing newline) is cut off and counted; any other unreadable line is an error, never skipped silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+RECORDS_FILE = "records.jsonl"
+
+
+class RecordsError(ValueError):
+    pass
+
+
+@dataclass
+class SampleRecord:
+    problem_id: str
+    sample_index: int
+    seed: int
+    text: str                 # the full response: generated text with the inserted output blocks
+    answer: str | None        # extracted from the last \boxed{}
+    correct: bool
+    code_rounds: int          # code blocks executed
+    timeouts: int             # of which timed out
+    exec_errors: int          # of which raised, were killed or hit a limit
+    prompt_tokens: int
+    generated_tokens: int     # sampled by the model
+    inserted_tokens: int      # code output blocks inserted by the loop (they count against the budget too)
+    generation_s: float       # time spent waiting for the sampler
+    execution_s: float        # time spent waiting for the sandbox
+    finish_reason: str        # "eos" | "stop" | "length" (token budget) | "error"
+    attempt: int              # which run of this output directory produced the sample (1 = first)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.problem_id, self.sample_index)
+
+
+_FIELDS = {f.name for f in dataclasses.fields(SampleRecord)}
+
+
+def sample_seed(seed: int, problem_id: str, sample_index: int) -> int:
+    """A seed for one sample that depends only on its identity, so resuming never changes other samples."""
+    digest = hashlib.sha256(f"{seed}\0{problem_id}\0{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class RecordStore:
+    """Append-only JSONL of SampleRecords with crash-safe resume."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.records: dict[tuple[str, int], SampleRecord] = {}
+        self.torn_bytes = 0
+        if self.path.exists():
+            self._load()
+        self._file = open(self.path, "ab")
+
+    def _load(self) -> None:
+        data = self.path.read_bytes()
+        complete_end = data.rfind(b"\n") + 1
+        if complete_end < len(data):
+            # A kill during the last write: that sample was not finished; cut it and generate it again.
+            self.torn_bytes = len(data) - complete_end
+            with open(self.path, "r+b") as f:
+                f.truncate(complete_end)
+                f.flush()
+                os.fsync(f.fileno())
+        for lineno, line in enumerate(data[:complete_end].splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = f"{self.path}:{lineno}"
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecordsError(f"{where}: unreadable record ({e.msg}); fix or remove the line") from None
+            missing = _FIELDS - set(raw)
+            if missing:
+                raise RecordsError(f"{where}: record lacks field(s) {', '.join(sorted(missing))}")
+            record = SampleRecord(**{k: raw[k] for k in _FIELDS})
+            if record.key in self.records:
+                raise RecordsError(f"{where}: duplicate record for problem {record.problem_id!r} "
+                                   f"sample {record.sample_index}")
+            self.records[record.key] = record
+
+    def __contains__(self, key: tuple[str, int]) -> bool:
+        return key in self.records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def append(self, record: SampleRecord) -> None:
+        if record.key in self.records:
+            raise RecordsError(f"{self.path}: sample {record.key} is already recorded")
+        line = json.dumps(dataclasses.asdict(record), ensure_ascii=False) + "\n"
+        self._file.write(line.encode())
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.records[record.key] = record
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> RecordStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

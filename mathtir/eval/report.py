@@ -1,0 +1,186 @@
+"""metrics.json (mathtir.answers.score_problems + run statistics), report.md with tables, and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+from mathtir.answers import score_problems
+from mathtir.eval.data import Problem
+from mathtir.eval.records import SampleRecord
+
+METRICS_FILE = "metrics.json"
+REPORT_FILE = "report.md"
+PLOTS_DIR = "plots"
+# Fonts that draw Japanese category names (中1, 数学I・A); without one the bars are labelled C1, C2, ...
+CJK_FONTS = ("Noto Sans CJK JP", "Noto Sans JP", "IPAexGothic", "IPAGothic", "TakaoGothic", "VL Gothic",
+             "Source Han Sans JP", "Hiragino Sans", "Yu Gothic", "MS Gothic")
+
+
+def sample_statistics(records: list[SampleRecord]) -> dict:
+    """What the TIR loop did, summed over samples: code rounds, timeouts, tokens, time, finish reasons."""
+    n = len(records)
+
+    def mean(values):
+        values = list(values)
+        return round(sum(values) / len(values), 4) if values else None
+
+    return {
+        "samples": n,
+        "mean_code_rounds": mean(r.code_rounds for r in records),
+        "samples_with_code": sum(r.code_rounds > 0 for r in records),
+        "executions": sum(r.code_rounds for r in records),
+        "timeouts": sum(r.timeouts for r in records),
+        "exec_errors": sum(r.exec_errors for r in records),
+        "mean_generated_tokens": mean(r.generated_tokens for r in records),
+        "mean_inserted_tokens": mean(r.inserted_tokens for r in records),
+        "mean_response_tokens": mean(r.generated_tokens + r.inserted_tokens for r in records),
+        "generation_s": round(sum(r.generation_s for r in records), 2),
+        "execution_s": round(sum(r.execution_s for r in records), 2),
+        "finish_reasons": dict(Counter(r.finish_reason for r in records)),
+        "samples_by_attempt": {str(k): v for k, v in sorted(Counter(r.attempt for r in records).items())},
+    }
+
+
+def write_results(output: Path, problems: list[Problem], records: list[SampleRecord], *, args,
+                  run_stats: dict) -> dict:
+    by_problem: dict[str, list[SampleRecord]] = {}
+    for record in records:
+        by_problem.setdefault(record.problem_id, []).append(record)
+    samples = {pid: [r.answer for r in sorted(rs, key=lambda r: r.sample_index)] for pid, rs in by_problem.items()}
+    metrics = score_problems(samples, {p.id: p.expected_answer for p in problems},
+                             {p.id: p.category for p in problems}, seed=args.seed)
+    metrics["run"] = {**run_stats, **sample_statistics(records)}
+    _write(output / METRICS_FILE, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    plots = write_plots(output / PLOTS_DIR, metrics)
+    _write(output / REPORT_FILE, render_report(metrics, args=args, plots=[p.relative_to(output) for p in plots]))
+    return metrics
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _pct(summary: dict) -> str:
+    low, high = summary["ci95"]
+    return f"{100 * summary['accuracy']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def render_report(metrics: dict, *, args, plots: list[Path]) -> str:
+    n = metrics["num_samples"]
+    run = metrics["run"]
+    lines = [
+        "# Evaluation report",
+        "",
+        f"- model: `{args.model or args.api_model}` (backend {args.backend}, template {args.prompt_template}, "
+        f"dialect {args.dialect})",
+        f"- data: `{args.data}` — {metrics['num_problems']} problems × {n} samples",
+        f"- budget: {args.max_tokens} tokens (generated + inserted), ≤ {args.max_code_executions} code "
+        f"executions, temperature {args.temperature}, top-p {args.top_p}, seed {args.seed}",
+        "",
+        "## Accuracy (95% bootstrap CI over problems)",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| majority@{n} | {_pct(metrics['majority@k'][str(n)])} |",
+        f"| pass@1 (mean over samples) | {_pct(metrics['pass@1_mean'])} |",
+        f"| pass@{n} | {_pct(metrics['pass@k'][str(n)])} |",
+        f"| no-answer rate (samples) | {100 * metrics['no_answer_rate']:.1f}% |",
+        f"| no-answer rate (majority@{n}) | {100 * metrics['majority_no_answer_rate']:.1f}% |",
+        "",
+        "## Accuracy vs k",
+        "",
+        "| k | majority@k | pass@k |",
+        "|---|---|---|",
+    ]
+    for k in range(1, n + 1):
+        lines.append(f"| {k} | {_pct(metrics['majority@k'][str(k)])} | {_pct(metrics['pass@k'][str(k)])} |")
+    if metrics.get("per_category"):
+        labels = category_labels(list(metrics["per_category"]))
+        lines += ["", "## Per category", "",
+                  f"| category | plot label | problems | majority@{n} | pass@1 | no answer |",
+                  "|---|---|---|---|---|---|"]
+        for (name, c), label in zip(metrics["per_category"].items(), labels, strict=True):
+            lines.append(f"| {name} | {label} | {c['num_problems']} | {_pct(c[f'majority@{n}'])} | "
+                         f"{_pct(c['pass@1_mean'])} | {100 * c['no_answer_rate']:.1f}% |")
+    lines += ["", "## Run", "", "| statistic | value |", "|---|---|"]
+    for key in ("samples", "samples_with_code", "mean_code_rounds", "executions", "timeouts", "exec_errors",
+                "mean_generated_tokens", "mean_inserted_tokens", "mean_response_tokens", "generation_s",
+                "execution_s", "finish_reasons", "samples_by_attempt", "wall_s", "samples_per_s"):
+        value = run.get(key)
+        lines.append(f"| {key} | {json.dumps(value) if isinstance(value, dict) else value} |")
+    if metrics.get("unsampled_problems"):
+        lines += ["", f"Problems without samples: {', '.join(metrics['unsampled_problems'])}"]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.as_posix()})" for p in plots]
+    lines += ["", "Definitions: " + "; ".join(f"**{k}**: {v}" for k, v in metrics["definitions"].items()), ""]
+    return "\n".join(lines)
+
+
+def _cjk_font() -> str | None:
+    from matplotlib import font_manager
+
+    available = {f.name for f in font_manager.fontManager.ttflist}
+    return next((name for name in CJK_FONTS if name in available), None)
+
+
+def category_labels(names: list[str]) -> list[str]:
+    """Tick labels for the category plot: the names when a font can draw them, else C1, C2, ..."""
+    if all(name.isascii() for name in names) or _cjk_font():
+        return list(names)
+    return [f"C{i + 1}" for i in range(len(names))]
+
+
+def write_plots(directory: Path, metrics: dict) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    font = _cjk_font()
+    if font:
+        matplotlib.rcParams["font.family"] = [font, "DejaVu Sans"]
+
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    ks = list(range(1, metrics["num_samples"] + 1))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("majority@k", "majority@k"), ("pass@k", "pass@k")):
+        acc = [metrics[key][str(k)]["accuracy"] for k in ks]
+        low = [metrics[key][str(k)]["ci95"][0] for k in ks]
+        high = [metrics[key][str(k)]["ci95"][1] for k in ks]
+        ax.plot(ks, acc, marker="o", label=label)
+        ax.fill_between(ks, low, high, alpha=0.2)
+    ax.set(xlabel="k (samples)", ylabel="accuracy", ylim=(0, 1.02), title="Accuracy vs k (95% CI)")
+    ax.set_xticks(ks)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    paths.append(directory / "accuracy_vs_k.png")
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+
+    categories = metrics.get("per_category") or {}
+    if categories:
+        n = metrics["num_samples"]
+        names = list(categories)
+        fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(names) + 2), 4))
+        width = 0.4
+        for offset, key, label in ((-width / 2, f"majority@{n}", f"majority@{n}"),
+                                   (width / 2, "pass@1_mean", "pass@1")):
+            acc = [categories[c][key]["accuracy"] for c in names]
+            err = [[a - categories[c][key]["ci95"][0] for a, c in zip(acc, names, strict=True)],
+                   [categories[c][key]["ci95"][1] - a for a, c in zip(acc, names, strict=True)]]
+            ax.bar([i + offset for i in range(len(names))], acc, width, yerr=err, capsize=3, label=label)
+        ax.set_xticks(range(len(names)), category_labels(names), rotation=20)
+        ax.set(ylabel="accuracy", ylim=(0, 1.05), title="Per-category accuracy (95% CI)")
+        ax.legend()
+        paths.append(directory / "category_accuracy.png")
+        fig.tight_layout()
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    return paths

@@ -1,0 +1,156 @@
+"""Evaluation job parts that need neither a model nor Ray: data validation, records + resume, seeds, report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mathtir.eval.data import DataError, FieldNames, load_problems
+from mathtir.eval.records import RecordsError, RecordStore, SampleRecord, sample_seed
+from mathtir.eval.report import write_results
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows))
+    return path
+
+
+GOOD = [{"id": "p1", "problem": "1+1は?", "expected_answer": "2", "category": "中1"},
+        {"id": 7, "problem": "2+3?", "expected_answer": 5, "category": "中2"}]
+
+
+# -- data ----------------------------------------------------------------------------------------------------
+
+def test_loads_jsonl_and_parquet_with_renamed_fields(tmp_path):
+    problems = load_problems(write_jsonl(tmp_path / "a.jsonl", GOOD))
+    assert [(p.id, p.expected_answer, p.category) for p in problems] == [("p1", "2", "中1"), ("7", "5", "中2")]
+
+    table = pa.table({"qid": ["x", "y"], "question": ["q1", "q2"], "answer": ["1", "\\frac{1}{2}"],
+                      "subset": ["A", "B"]})
+    pq.write_table(table, tmp_path / "b.parquet")
+    fields = FieldNames(id="qid", problem="question", expected_answer="answer", category="subset")
+    problems = load_problems(tmp_path / "b.parquet", fields)
+    assert [(p.id, p.problem, p.expected_answer) for p in problems] == [("x", "q1", "1"), ("y", "q2", "\\frac{1}{2}")]
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([GOOD[0], {"id": "p2", "problem": "x", "category": "c"}], r"bad\.jsonl:2: missing field 'expected_answer'"),
+    ([GOOD[0], GOOD[1], '{"id": "p3", "problem": '], r"bad\.jsonl:3: bad JSON"),
+    ([GOOD[0], {**GOOD[1], "problem": "  "}], r"bad\.jsonl:2: field 'problem' is empty"),
+    ([GOOD[0], {**GOOD[1], "expected_answer": None}], r"bad\.jsonl:2: field 'expected_answer' must be"),
+    ([GOOD[0], {**GOOD[1], "id": "p1"}], r"duplicate id 'p1' \(records 1 and 2\)"),
+    (["[1, 2]"], r"bad\.jsonl:1: expected a JSON object"),
+])
+def test_bad_jsonl_names_file_line_and_field(tmp_path, rows, message):
+    with pytest.raises(DataError, match=message):
+        load_problems(write_jsonl(tmp_path / "bad.jsonl", rows))
+
+
+def test_bad_parquet_names_column_and_row(tmp_path):
+    pq.write_table(pa.table({"id": ["a"], "problem": ["q"], "category": ["c"]}), tmp_path / "m.parquet")
+    with pytest.raises(DataError, match=r"m\.parquet: missing column 'expected_answer'"):
+        load_problems(tmp_path / "m.parquet")
+    pq.write_table(pa.table({"id": ["a", "b"], "problem": ["q", None], "expected_answer": ["1", "2"],
+                             "category": ["c", "c"]}), tmp_path / "n.parquet")
+    with pytest.raises(DataError, match=r"n\.parquet: row 1: field 'problem'"):
+        load_problems(tmp_path / "n.parquet")
+
+
+def test_cli_rejects_bad_data_before_any_sampling(tmp_path):
+    """The CLI exits 2 with file:line:field, starts no Ray (RAY_ADDRESS points nowhere) and writes nothing."""
+    bad = write_jsonl(tmp_path / "bad.jsonl", [GOOD[0], {"id": "p2", "problem": "x", "category": "c"}])
+    out = tmp_path / "out"
+    env = dict(os.environ, RAY_ADDRESS="127.0.0.1:1", RAY_AUTH_MODE="disabled")
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "ray_eval/run.py", "--model", str(tmp_path), "--data", str(bad),
+                           "--output", str(out), "--backend", "openai", "--api-model", "m"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{bad}:2: missing field 'expected_answer'" in proc.stderr
+    assert not out.exists()
+    assert time.monotonic() - started < 60
+
+
+# -- records -------------------------------------------------------------------------------------------------
+
+def make_record(pid: str, index: int, answer: str | None = "1", correct: bool = True, **over) -> SampleRecord:
+    base = dict(problem_id=pid, sample_index=index, seed=sample_seed(0, pid, index), text=f"t {pid} {index}",
+                answer=answer, correct=correct, code_rounds=1, timeouts=0, exec_errors=0, prompt_tokens=10,
+                generated_tokens=20, inserted_tokens=5, generation_s=0.5, execution_s=0.1, finish_reason="eos",
+                attempt=1)
+    return SampleRecord(**{**base, **over})
+
+
+def test_records_resume_skips_finished_and_cuts_a_torn_line(tmp_path):
+    path = tmp_path / "records.jsonl"
+    with RecordStore(path) as store:
+        store.append(make_record("a", 0))
+        store.append(make_record("a", 1, answer=None, correct=False))
+    with open(path, "ab") as f:  # a kill in the middle of writing the third record
+        f.write(b'{"problem_id": "b", "sample_ind')
+    with RecordStore(path) as store:
+        assert store.torn_bytes == len(b'{"problem_id": "b", "sample_ind')
+        assert ("a", 0) in store and ("a", 1) in store and ("b", 0) not in store
+        assert store.records[("a", 1)].answer is None
+        store.append(make_record("b", 0))
+        with pytest.raises(RecordsError, match="already recorded"):
+            store.append(make_record("a", 0))
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["problem_id"] for line in lines] == ["a", "a", "b"]
+
+
+def test_records_refuse_corrupt_and_duplicate_lines(tmp_path):
+    path = tmp_path / "records.jsonl"
+    good = json.dumps(dataclasses.asdict(make_record("a", 0)))
+    path.write_text(f"{good}\nnot json\n")
+    with pytest.raises(RecordsError, match=r"records\.jsonl:2: unreadable record"):
+        RecordStore(path)
+    path.write_text(f"{good}\n{good}\n")
+    with pytest.raises(RecordsError, match=r"records\.jsonl:2: duplicate record for problem 'a' sample 0"):
+        RecordStore(path)
+
+
+def test_sample_seeds_depend_only_on_identity():
+    assert sample_seed(0, "p1", 3) == sample_seed(0, "p1", 3)
+    seeds = {sample_seed(s, p, i) for s in (0, 1) for p in ("p1", "p2") for i in range(4)}
+    assert len(seeds) == 16
+    assert all(0 <= s < 2**63 for s in seeds)
+
+
+# -- report --------------------------------------------------------------------------------------------------
+
+def test_report_writes_metrics_tables_and_plots(tmp_path):
+    from mathtir.eval.data import Problem
+
+    problems = [Problem("p1", "q", "2", "中1"), Problem("p2", "q", "5", "中1"), Problem("p3", "q", "7", "数学I・A")]
+    answers = {"p1": ["2", "2", "3"], "p2": ["4", "5", None], "p3": ["7", "7", "7"]}
+    records = [make_record(pid, i, answer=a, correct=a == {"p1": "2", "p2": "5", "p3": "7"}[pid])
+               for pid, ans in answers.items() for i, a in enumerate(ans)]
+    args = Namespace(model="m", api_model=None, backend="hf", prompt_template="chat", dialect="tir", data="d.jsonl",
+                     max_tokens=64, max_code_executions=2, temperature=0.7, top_p=0.95, seed=0)
+    metrics = write_results(tmp_path, problems, records, args=args, run_stats={"wall_s": 1.0, "samples_per_s": 9})
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk["num_problems"] == 3 and on_disk["num_samples"] == 3
+    # p1: 2 of 3 right (majority right), p2: 1 of 3 (tie 4/5 -> 0.5), p3: all right
+    assert on_disk["majority@k"]["3"]["accuracy"] == pytest.approx((1 + 0.5 + 1) / 3)
+    assert on_disk["pass@1_mean"]["accuracy"] == pytest.approx((2 / 3 + 1 / 3 + 1) / 3)
+    assert on_disk["run"]["executions"] == 9 and on_disk["run"]["finish_reasons"] == {"eos": 9}
+    assert set(on_disk["per_category"]) == {"中1", "数学I・A"}
+    report = (tmp_path / "report.md").read_text()
+    assert "| majority@3 |" in report and "| 数学I・A | " in report
+    for png in ("plots/accuracy_vs_k.png", "plots/category_accuracy.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({png})" in report
+    assert metrics["per_problem"]["p2"]["num_no_answer"] == 1
