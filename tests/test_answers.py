@@ -1,0 +1,361 @@
+"""mathtir.answers on real cases: the model cards' outputs, competition-style LaTeX, Japanese answers, garbage."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from mathtir.answers import (
+    _Checker,
+    extract_answer,
+    is_equivalent,
+    majority_vote,
+    normalize_answer,
+    paired_comparison,
+    pass_at_k,
+    score_problems,
+    sign_test_p_value,
+)
+
+TIR_CARD_RESPONSE = (
+    "<think>\nPython を使ってシミュレーションしよう。\n</think>\n"
+    "```python\ntotal = sum(range(1, 101))\nprint(total)\n```\n```output\n5050\n```\n"
+    "<think>\n計算結果は5050です。\n</think>\n1から100までの自然数の和は:\n$$\\boxed{5050}$$"
+)
+OPENMATH_CARD_RESPONSE = (
+    "Pythonコードを使用してこの問題を解決しましょう。<llm-code>\ninitial_cars = 8\ngiven_away = 3\n"
+    "remaining = initial_cars - given_away\nprint(remaining)\n</llm-code><llm-code-output>\n5\n</llm-code-output>\n"
+    "したがって、ジェイデンには \\boxed{5} 台のおもちゃの車が残っています。"
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# extract_answer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        (TIR_CARD_RESPONSE, "5050"),
+        (OPENMATH_CARD_RESPONSE, "5"),
+        ("よって答えは $\\boxed{\\frac{9x+3}{2}}$ である。", "\\frac{9x+3}{2}"),
+        ("\\boxed{\\left(\\frac{1}{2}, \\sqrt{3}\\right)}", "\\left(\\frac{1}{2}, \\sqrt{3}\\right)"),
+        ("答えは \\boxed 5. です", "5"),
+        ("\\fbox{12}", "12"),
+        ("\\boxed{\\boxed{7}}", "7"),
+        ("\\boxed {3}", "3"),
+        ("解の集合は \\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),  # escaped braces do not close the box
+        ("まず \\boxed{3}、やはり \\boxed{5}", "5"),  # the last box is the answer
+        ("\\boxed{3} と思ったが \\boxed{\\frac{1", "3"),  # a box cut off by the token limit does not count
+        ("答えは 5 です", None),
+        ("\\boxed{}", None),
+        ("\\boxed{  }", None),
+    ],
+)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_extract_answer_is_linear_on_pathological_input():
+    start = time.perf_counter()
+    assert extract_answer("\\boxed{" * 200_000) is None
+    assert extract_answer("{" * 1_000_000 + "\\boxed{1}") == "1"
+    assert extract_answer("}" * 1_000_000) is None
+    assert time.perf_counter() - start < 10
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# is_equivalent
+# ----------------------------------------------------------------------------------------------------------------
+
+EQUIVALENT = [
+    # Japanese counters and units, full-width digits, Unicode minus
+    ("12個", "12"), ("5台", "5"), ("1000円", "1000"), ("1,000円", "1000"), ("6通り", "6"), ("35人", "35"),
+    ("１２", "12"), ("－３", "-3"), ("\u22123", "-3"), ("５ｃｍ", "5"), ("12 \\text{cm}^2", "12"), ("8㎝", "8"),
+    ("12\\mathrm{cm}^{3}", "12"), ("3倍", "3"), ("20%", "20"), ("約 3.14", "3.14"), ("12個です。", "12"),
+    # kanji numerals and fraction readings
+    ("三", "3"), ("二十五人", "25"), ("3分の2", "\\frac{2}{3}"), ("三分の二", "\\frac{2}{3}"),
+    ("1と3分の2", "\\frac{5}{3}"), ("マイナス5", "-5"),
+    # degrees
+    ("60°", "60"), ("60^\\circ", "60"), ("60^{\\circ}", "60"), ("60度", "60"),
+    # LaTeX variants in the competition's style
+    ("\\dfrac{9x+3}{2}", "\\frac{9x+3}{2}"), ("\\frac{9}{2}x+\\frac{3}{2}", "\\frac{9x+3}{2}"),
+    ("\\frac{3(3x+1)}{2}", "\\frac{9x+3}{2}"), ("\\tfrac12", "\\frac{1}{2}"),
+    ("\\left(\\frac{1}{2}\\right)", "\\frac12"), ("2\\sqrt{3}", "\\sqrt{12}"), ("2√3", "2\\sqrt{3}"),
+    ("\\frac{\\sqrt{3}}{2}", "\\frac{1}{2}\\sqrt{3}"), ("x = 5", "5"), ("y=2x+1", "2x+1"),
+    ("x^2 - 4x + 3", "x^{2}-4x+3"), ("x²+1", "x^2+1"), ("a_{n} = 2^{n}", "2^n"),
+    # numbers
+    ("0.5", "\\frac{1}{2}"), ("1/2", "0.5"), ("-\\frac{3}{4}", "-0.75"), ("\\frac{-3}{4}", "-0.75"),
+    ("1.5e3", "1500"), ("2.5\\times10^{3}", "2500"), ("12,345,678", "12345678"), ("1{,}000", "1000"),
+    # sets, lists, pairs
+    ("\\{1, 2\\}", "\\{2, 1\\}"), ("2, 1", "1, 2"), ("x=1, x=2", "1, 2"), ("x=1またはx=2", "1, 2"),
+    ("(1, 2)", "(1,2)"), ("1, 2", "(1, 2)"), ("\\left(-1, \\frac{1}{2}\\right)", "(-1, 0.5)"),
+    # factored answers in another order or sign arrangement are still factored and equal
+    ("(x+2)(x+1)", "(x+1)(x+2)"), ("(2x-1)(x+3)", "(x+3)(2x-1)"), ("x(x-3)", "(x-3)x"),
+    # inequalities
+    ("x \\ge 3", "3 \\le x"), ("x≧3", "x \\geq 3"),
+    # a response with several boxes is judged by its last one
+    ("\\boxed{3} \\boxed{5}", "5"),
+]
+
+NOT_EQUIVALENT = [
+    ("0.333", "\\frac{1}{3}"), ("0.333333", "\\frac{1}{3}"), ("0.33", "1/3"),  # no loose decimal matching
+    ("1.41421356", "\\sqrt{2}"),
+    ("13", "12"), ("12個", "13"), ("-3", "3"), ("12", "120"),
+    ("x^2+3x+2", "(x+1)(x+2)"), ("(x+1)(x+2)", "x^2+3x+2"),  # 因数分解 / 展開 ask for a form
+    ("(x+1)^2", "x^2+2x+1"),
+    ("(2, 1)", "(1, 2)"), ("(2, 1)", "(3, 0)"),  # ordered pairs (math-verify: empty intervals, "equal")
+    ("(1, 2)", "\\{1, 2\\}"),
+    ("\\boxed{3} \\boxed{5}", "3, 5"),  # not merged into a set
+    ("3時間20分", "3"),  # leftover Japanese text is compared exactly, never picked apart
+    ("2x+1", "2y+1"), ("\\frac{9x+3}{2}", "\\frac{9x+3}{4}"), ("x > 3", "x \\ge 3"),
+    ("", "5"), ("5", ""),
+]
+
+
+@pytest.mark.parametrize("pred,gold", EQUIVALENT)
+def test_equivalent_answers(pred, gold):
+    assert is_equivalent(pred, gold)
+
+
+@pytest.mark.parametrize("pred,gold", NOT_EQUIVALENT)
+def test_different_answers(pred, gold):
+    assert not is_equivalent(pred, gold)
+
+
+def test_equivalence_is_the_same_from_many_threads():
+    """math-verify's signal timeouts raise in threads; ours must give the sequential answers in a pool."""
+    pairs = EQUIVALENT + NOT_EQUIVALENT
+    expected = [is_equivalent(p, g) for p, g in pairs]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        assert list(pool.map(lambda pair: is_equivalent(*pair), pairs)) == expected
+
+
+SLOW_PAIR = ("(x+y+z)^{30}", "(x+y+z+1)^{30}")  # sympy expands these for minutes, in Python code
+
+
+@pytest.mark.parametrize("in_thread", [False, True])
+def test_a_slow_symbolic_check_is_cut_off_at_the_timeout(in_thread):
+    outcome = {}
+
+    def check():
+        start = time.perf_counter()
+        outcome["result"] = is_equivalent(*SLOW_PAIR, timeout=0.5)
+        outcome["seconds"] = time.perf_counter() - start
+
+    if in_thread:
+        worker = threading.Thread(target=check)
+        worker.start()
+        worker.join()
+    else:
+        check()
+    assert outcome["result"] is False
+    assert outcome["seconds"] < 5
+    # Checks keep working, and the interrupted helper thread exits (only idle helpers stay alive).
+    assert is_equivalent("\\frac{9}{2}x+\\frac{3}{2}", "\\frac{9x+3}{2}")
+    deadline = time.time() + 5
+    while time.time() < deadline and _busy_helpers():
+        time.sleep(0.05)
+    assert not _busy_helpers()
+
+
+def _busy_helpers():
+    return [t for t in threading.enumerate() if t.name == "mathtir-answer-check" and t not in _Checker._idle]
+
+
+def _garbage(seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [
+        bytes(rng.randrange(256) for _ in range(200)).decode("utf-8", errors="replace"),
+        bytes(rng.randrange(256) for _ in range(200)).decode("latin-1"),
+        "".join(rng.choice("{}\\^_()[]$0123456789x+-*/=,") for _ in range(300)),
+        "{" * 5000,
+        "}" * 5000 + "\\frac{",
+        "\\frac{" * 300,
+        "(" * 1000 + "1" + ")" * 1000,
+        "a" * 1_000_000,
+        "1" * 100_000,
+        "9^{9^{9^{9}}}",
+        "10^{10^{10}}",
+        "2^{1000000000}",
+        "100000!",
+        "(10^{6})!",
+        "\\binom{1000000}{500000}",
+        "\\x00\x00\x00",
+        "\ud800",  # a lone surrogate
+        "分の分の分の",
+        "x=y=z=",
+        " ",
+    ]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_garbage_never_raises_and_returns_quickly(seed):
+    cases = _garbage(seed)
+    start = time.perf_counter()
+    for junk in cases:
+        for other in ("5", "\\frac{1}{2}", junk):
+            assert isinstance(is_equivalent(junk, other, timeout=1.0), bool)
+            assert isinstance(is_equivalent(other, junk, timeout=1.0), bool)
+        assert extract_answer(junk) is None or isinstance(extract_answer(junk), str)
+        assert isinstance(normalize_answer(junk), str)
+    assert majority_vote([*cases, None]) is not None
+    assert time.perf_counter() - start < 30
+    assert not is_equivalent(None, "5") and not is_equivalent("5", 5)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# majority_vote
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_majority_vote_pools_equivalent_spellings():
+    # 3 votes for one half against 2 for 3: only pooling makes one half win.
+    assert is_equivalent(majority_vote(["\\frac12", "3", "0.5", "3", "1/2", None, None]), "1/2")
+    assert majority_vote(["12個", "13", "１２", "13", "12"]) == "12"
+
+
+def test_majority_vote_ignores_none_and_returns_none_without_answers():
+    assert majority_vote([None, None, "7"]) == "7"
+    assert majority_vote([None, None]) is None
+    assert majority_vote([]) is None
+
+
+def test_majority_vote_tie_break_does_not_depend_on_sample_order():
+    answers = ["3", "5", "\\frac{10}{2}", "3", "x+1", "1+x"]  # 3: two votes, 5: two, x+1: two
+    orders = list(itertools.permutations(answers))
+    winners = {majority_vote(list(order)) for order in random.Random(0).sample(orders, 30)}
+    assert winners == {"3"}  # every class has two votes; the most frequent spelling, "3", wins the tie
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,c", [(1, 0), (1, 1), (5, 0), (5, 2), (6, 5), (7, 7)])
+def test_pass_at_k_is_the_fraction_of_k_subsets_with_a_correct_sample(n, c):
+    samples = [True] * c + [False] * (n - c)
+    for k in range(1, n + 1):
+        subsets = list(itertools.combinations(samples, k))
+        assert pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets))
+
+
+def test_pass_at_k_rejects_impossible_counts():
+    with pytest.raises(ValueError, match="n=3, c=4"):
+        pass_at_k(3, 4, 1)
+    with pytest.raises(ValueError, match="k=0"):
+        pass_at_k(3, 1, 0)
+
+
+def test_majority_at_k_uses_the_first_k_samples_and_splits_ties():
+    metrics = score_problems({"p": ["5", "3", "3", "5", "五"]}, {"p": "5"})
+    majority = {k: v["accuracy"] for k, v in metrics["majority@k"].items()}
+    # first 1: 5 | first 2: 5 vs 3 tie | first 3: 3 wins | first 4: tie | all 5: 5 (with 五) wins
+    assert majority == {"1": 1.0, "2": 0.5, "3": 0.0, "4": 0.5, "5": 1.0}
+    assert metrics["per_problem"]["p"]["num_correct"] == 3
+    assert metrics["pass@1_mean"]["accuracy"] == pytest.approx(3 / 5)
+
+
+def test_score_problems_counts_no_answers_categories_and_unsampled_problems():
+    samples = {
+        "a": ["1", "1", None, "2"],
+        "b": [None, None, None, None],
+        "c": ["\\frac{1}{2}", "0.5", "1/3", "1/3"],
+        "d": ["12個", "12", "12", "12"],
+    }
+    gold = {"a": "1", "b": "7", "c": "1/2", "d": "12", "e": "3"}
+    categories = {"a": "中1", "b": "中1", "c": "数学I・A", "d": "数学I・A"}
+    metrics = score_problems(samples, gold, categories)
+    assert metrics["num_problems"] == 4 and metrics["num_samples"] == 4
+    assert metrics["unsampled_problems"] == ["e"]
+    assert metrics["no_answer_rate"] == pytest.approx(5 / 16)
+    assert metrics["majority_no_answer_rate"] == pytest.approx(1 / 4)
+    # c: 1/2 class (2 votes) ties 1/3 (2 votes) -> 0.5
+    assert metrics["majority@k"]["4"]["accuracy"] == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+    assert metrics["pass@k"]["4"]["accuracy"] == pytest.approx(3 / 4)
+    assert metrics["per_category"]["中1"]["num_problems"] == 2
+    assert metrics["per_category"]["数学I・A"]["majority@4"]["accuracy"] == pytest.approx(0.75)
+    for summary in [*metrics["majority@k"].values(), *metrics["pass@k"].values(), metrics["pass@1_mean"]]:
+        low, high = summary["ci95"]
+        assert 0.0 <= low <= summary["accuracy"] <= high <= 1.0
+
+
+def test_bootstrap_interval_narrows_with_more_problems():
+    def width(copies):
+        samples = {f"{i}-{j}": [ans] for j in range(copies) for i, ans in enumerate(["1", "2", "1", "3"])}
+        gold = {pid: "1" for pid in samples}
+        low, high = score_problems(samples, gold)["majority@k"]["1"]["ci95"]
+        return high - low
+
+    assert width(25) < width(1) / 2
+
+
+def test_score_problems_reports_bad_input_by_problem():
+    with pytest.raises(ValueError, match="'x' has samples but no gold"):
+        score_problems({"x": ["1"]}, {"y": "1"})
+    with pytest.raises(ValueError, match="'x' has no category"):
+        score_problems({"x": ["1"]}, {"x": "1"}, categories={})
+    with pytest.raises(ValueError, match="problem 'x', sample 1"):
+        score_problems({"x": ["1", 2]}, {"x": "1"})  # type: ignore[list-item]
+
+
+def _card_runs(a_only: int, b_only: int, both: int, n: int = 30):
+    """Two runs on n problems: `both` solved by each, plus a_only / b_only solved by one."""
+    a, b = {}, {}
+    for i in range(n):
+        a[f"q{i}"] = float(i < both or both <= i < both + a_only)
+        b[f"q{i}"] = float(i < both or both + a_only <= i < both + a_only + b_only)
+    return a, b
+
+
+def test_the_second_cards_headline_is_not_significant():
+    # 60.0% (18/30) vs 56.7% (17/30): one problem apart, whatever the overlap.
+    for a_only, b_only in [(1, 0), (3, 2), (5, 4)]:
+        a, b = _card_runs(a_only, b_only, both=18 - a_only)
+        result = paired_comparison(a, b)
+        assert result["accuracy_a"] == pytest.approx(0.6) and result["accuracy_b"] == pytest.approx(17 / 30)
+        assert result["a_better"] == a_only and result["b_better"] == b_only
+        low, high = result["difference_ci95"]
+        assert low <= 0 < high
+        assert result["p_value"] > 0.5 and not result["significant"]
+        assert "not significant" in result["summary"]
+
+
+def test_a_large_paired_difference_is_significant():
+    a, b = _card_runs(a_only=12, b_only=0, both=10)
+    result = paired_comparison(a, b)
+    assert result["significant"] and result["p_value"] < 0.001 and result["difference_ci95"][0] > 0
+
+
+def test_sign_test_matches_the_binomial_distribution():
+    for wins, losses in [(0, 0), (3, 1), (7, 2), (10, 0)]:
+        trials = wins + losses
+        outcomes = list(itertools.product([0, 1], repeat=trials))
+        extreme = min(wins, losses)
+        as_extreme = sum(min(sum(o), trials - sum(o)) <= extreme for o in outcomes) / len(outcomes)
+        assert sign_test_p_value(wins, losses) == pytest.approx(min(1.0, as_extreme))
+
+
+def test_paired_comparison_needs_the_same_problems_and_valid_values():
+    with pytest.raises(ValueError, match=r"only in a: \['q2'\]"):
+        paired_comparison({"q1": 1.0, "q2": 0.0}, {"q1": 1.0})
+    with pytest.raises(ValueError, match="run b, problem 'q1'"):
+        paired_comparison({"q1": 1.0}, {"q1": 1.5})
+
+
+def test_score_problems_feeds_paired_comparison():
+    gold = {f"q{i}": str(i) for i in range(10)}
+    run_a = score_problems({p: [g, g, "0"] for p, g in gold.items()}, gold)
+    run_b = score_problems({p: ["0", "0", g] for p, g in gold.items()}, gold)
+    a = {p: v["majority_correct"] for p, v in run_a["per_problem"].items()}
+    b = {p: v["majority_correct"] for p, v in run_b["per_problem"].items()}
+    result = paired_comparison(a, b)
+    assert result["difference"] == pytest.approx(0.9)  # q0's gold is "0": both runs get it
+    assert result["a_better"] == 9
