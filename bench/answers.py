@@ -1,0 +1,128 @@
+"""Checks per second: mathtir.answers.is_equivalent against raw math-verify, same pairs, one run.
+
+    python bench/answers.py [--pairs 600] [--seed 0]
+
+Pairs are generated in the competition's answer styles (integers, Japanese units, full-width digits,
+fractions and decimals, LaTeX polynomials, roots, factored forms, sets, pairs), half equivalent, half not,
+every string distinct so that no cache helps either side across pairs. Raw math-verify is called as users call
+it: `verify(parse("$gold$"), parse("$pred$"))` (bare LaTeX without `$` does not parse at all), in the main
+thread with its default signal timeouts. is_equivalent runs with its caches cleared first. Target: a ratio of
+at least 0.8. The accuracy of both against the pairs' labels is printed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import time
+from collections.abc import Callable
+
+
+def make_pairs(count: int, seed: int) -> list[tuple[str, str, bool]]:
+    """(pred, gold, equivalent) triples in the styles of Japanese competition answers."""
+    rng = random.Random(seed)
+    full_width = str.maketrans("0123456789", "０１２３４５６７８９")
+
+    def integer(i):
+        a = 1000 + i
+        return (str(a), str(a), True) if i % 2 else (str(a + 7), str(a), False)
+
+    def unit(i):
+        a, unit_name = 2000 + i, rng.choice(["個", "台", "円", "人", "通り", "cm", "本"])
+        return (f"{a}{unit_name}", str(a), True) if i % 2 else (f"{a + 1}{unit_name}", str(a), False)
+
+    def wide(i):
+        a = 3000 + i
+        return (str(a).translate(full_width), str(a), True) if i % 2 else (str(a + 2).translate(full_width), str(a), False)
+
+    def fraction(i):
+        q = rng.choice([2, 4, 5, 8, 10, 16, 20, 25])
+        p = 4000 + i
+        decimal = f"{p / q:.10g}"
+        if i % 2:
+            return (decimal, f"\\frac{{{p}}}{{{q}}}", True)
+        return (f"{(p + 1) / q:.10g}", f"\\frac{{{p}}}{{{q}}}", False)
+
+    def linear(i):
+        a, b, c = 2 * i + 3, i + 5, rng.choice([2, 3, 4, 5, 7])
+        gold = f"\\frac{{{a}x+{b}}}{{{c}}}"
+        if i % 2:
+            return (f"\\frac{{{a}}}{{{c}}}x+\\frac{{{b}}}{{{c}}}", gold, True)
+        return (f"\\frac{{{a}}}{{{c}}}x+\\frac{{{b + 1}}}{{{c}}}", gold, False)
+
+    def root(i):
+        k, m = 2 + i % 7, rng.choice([2, 3, 5, 6, 7]) + 10 * (i // 7)
+        gold = f"{k}\\sqrt{{{m}}}"
+        return (f"\\sqrt{{{k * k * m}}}", gold, True) if i % 2 else (f"\\sqrt{{{k * k * m + 1}}}", gold, False)
+
+    def factored(i):
+        a, b = i + 1, i + 2
+        gold = f"(x+{a})(x+{b})"
+        if i % 2:
+            return (f"(x+{b})(x+{a})", gold, True)
+        return (f"(x+{a})(x+{b + 1})", gold, False)
+
+    def polynomial(i):
+        a, b = i + 1, 2 * i + 1
+        gold = f"x^{{2}}+{a}x+{b}"
+        return (f"{b}+{a}x+x^2", gold, True) if i % 2 else (f"x^2+{a}x+{b + 1}", gold, False)
+
+    def solution_set(i):
+        a, b = i + 1, -(i + 3)
+        gold = f"x={a}, {b}"
+        return (f"{b}, {a}", gold, True) if i % 2 else (f"{b}, {a + 1}", gold, False)
+
+    def point(i):
+        a, b = i + 2, -(i + 1)
+        gold = f"({a}, {b})"
+        return (f"\\left({a}, {b}\\right)", gold, True) if i % 2 else (f"({b}, {a})", gold, False)
+
+    styles: list[Callable[[int], tuple[str, str, bool]]] = [
+        integer, unit, wide, fraction, linear, root, factored, polynomial, solution_set, point,
+    ]
+    return [styles[n % len(styles)](n // len(styles)) for n in range(count)]
+
+
+def checks_per_second(check: Callable[[str, str], bool], pairs) -> tuple[float, float]:
+    """(checks per second, accuracy against the labels) for one pass over the pairs."""
+    start = time.perf_counter()
+    verdicts = [check(pred, gold) for pred, gold, _ in pairs]
+    elapsed = time.perf_counter() - start
+    accuracy = sum(v == label for v, (_, _, label) in zip(verdicts, pairs, strict=True)) / len(pairs)
+    return len(pairs) / elapsed, accuracy
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=600)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.disable(logging.WARNING)  # math-verify logs every unparsable string
+
+    from math_verify import parse, verify
+
+    from mathtir import answers
+
+    def raw_math_verify(pred: str, gold: str) -> bool:
+        return verify(parse(f"${gold}$"), parse(f"${pred}$"))
+
+    warmup = make_pairs(40, args.seed + 1)
+    for check in (raw_math_verify, answers.is_equivalent):
+        for pred, gold, _ in warmup:
+            check(f"{pred} ", gold)  # distinct strings from the timed ones: imports and grammars, not caches
+
+    pairs = make_pairs(args.pairs, args.seed)
+    answers._parsed.cache_clear()
+    answers._normalize.cache_clear()
+    ours, ours_accuracy = checks_per_second(answers.is_equivalent, pairs)
+    raw, raw_accuracy = checks_per_second(raw_math_verify, pairs)
+
+    print(f"pairs: {len(pairs)} (half equivalent), one pass each, caches cleared")
+    print(f"raw math-verify      : {raw:8.1f} checks/s   accuracy vs labels {raw_accuracy:.1%}")
+    print(f"answers.is_equivalent: {ours:8.1f} checks/s   accuracy vs labels {ours_accuracy:.1%}")
+    print(f"ratio is_equivalent / raw math-verify: {ours / raw:.2f}x (target >= 0.8x)")
+
+
+if __name__ == "__main__":
+    main()
