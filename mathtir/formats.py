@@ -408,37 +408,42 @@ def _signal_name(number: Any) -> str:
         return f"signal {number}"
 
 
+_TRACEBACK_HEADER = "Traceback (most recent call last)"
+
+
 def _error_text(result: Any, fmt: OutputFormat) -> str:
+    """How an exception is shown. mathtir.sandbox puts the exception line in .error and the traceback (from
+    the snippet's first frame on) in .stderr; other executors may put either in either."""
     error = getattr(result, "error", None) or ""
     stderr = getattr(result, "stderr", None) or ""
-    source = error or stderr
     if fmt.errors == "traceback":
-        if "Traceback (most recent call last)" not in source and "Traceback (most recent call last)" in stderr:
-            source = stderr
+        source = next((text for text in (error, stderr) if _TRACEBACK_HEADER in text), error or stderr)
+        if _TRACEBACK_HEADER in source:
+            source = source[source.index(_TRACEBACK_HEADER) :]  # drop unrelated stderr printed before it
         return snippet_traceback(source).strip("\n")
-    return _last_line(source)
+    return _last_line(error or stderr)
 
 
 def _status_line(result: Any, fmt: OutputFormat) -> str:
+    """The line saying why execution did not end normally: the executor's own words when it gave some."""
     status = getattr(result, "status", "ok")
+    if status == "ok":
+        return ""
     if status == "error":
         return _error_text(result, fmt) or "Error: the code failed without an error message"
+    detail = _last_line(getattr(result, "error", None) or "")
     if status == "timeout":
         wall_ms = getattr(result, "wall_ms", None)
         after = f" after {wall_ms / 1000:.1f} s" if wall_ms else ""
-        return f"TimeoutError: execution timed out{after}"
+        return detail or f"TimeoutError: execution timed out{after}"
     if status == "killed":
-        detail = _error_text(result, fmt)
         signal_number = getattr(result, "signal", None)
         by = f" by {_signal_name(signal_number)}" if signal_number else ""
         return detail or f"Killed: the process was terminated{by} (out of memory or a resource limit)"
     if status == "output_limit":
-        return "OutputLimitError: the code printed too much; the rest of its output was discarded"
+        return detail or "OutputLimitError: the code printed too much; the rest of its output was discarded"
     if status == "internal_error":
-        detail = _last_line(getattr(result, "error", None) or "")
         return f"SandboxError: the code could not be run{': ' + detail if detail else ''}"
-    if status == "ok":
-        return ""
     raise ValueError(f"format_output: unknown result status {status!r}")
 
 

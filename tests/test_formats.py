@@ -280,6 +280,24 @@ def test_errors_as_last_line_or_snippet_traceback():
     )
 
 
+def test_sandbox_layout_exception_line_in_error_traceback_in_stderr():
+    # mathtir.sandbox: .error is the exception line, .stderr holds whatever the snippet wrote, then the
+    # traceback from the snippet's first frame ("<cell>") on.
+    traceback_text = (
+        "Traceback (most recent call last):\n"
+        '  File "<cell>", line 1, in <module>\n    import numpyy\n'
+        "ModuleNotFoundError: No module named 'numpyy'\n"
+    )
+    result = Result(status="error", stderr="debug line\n" + traceback_text, error="ModuleNotFoundError: No module named 'numpyy'")
+    assert format_output(result, "tir", OutputFormat()) == (
+        "```output\nModuleNotFoundError: No module named 'numpyy'\n```\n"
+    )
+    shown = format_output(result, "tir", OutputFormat(errors="traceback"))
+    assert shown == "```output\n" + traceback_text + "```\n"
+    timeout = Result(status="timeout", error="Timeout: exceeded the 10 s time limit", wall_ms=10_020)
+    assert format_output(timeout, "tir") == "```output\nTimeout: exceeded the 10 s time limit\n```\n"
+
+
 def test_chained_exception_keeps_both_exception_lines():
     chained = (
         "Traceback (most recent call last):\n"
