@@ -106,20 +106,23 @@ class RecordProcessor:
     def __init__(self, cfg: DictConfig, tokenizer, decontam: DecontaminationIndex | None):
         from mathtir.formats import get_dialect, get_template
 
-        self.cfg = cfg
+        # Plain values: OmegaConf attribute access is slow enough to show up per record.
+        self.filters = OmegaConf.to_object(cfg.filters)
+        self.seq_length = int(cfg.seq_length)
+        self.train_on_outputs = bool(cfg.train_on_outputs)
         self.template = get_template(cfg.template.name, tokenizer=tokenizer, system=cfg.template.system)
         self.dialect = get_dialect(cfg.dialect)
         self.backend = tokenizer.backend_tokenizer
         self.decontam = decontam
         self.minhasher = (MinHasher(cfg.dedup.num_perm, cfg.dedup.shingle, seed=cfg.seed)
                           if cfg.dedup.near else None)
-        self.modes = set(cfg.filters.modes) if cfg.filters.modes is not None else None
+        self.modes = set(self.filters.modes) if self.filters.modes is not None else None
 
     def _structural(self, record: Record) -> tuple[str | None, str | None, list[tuple[str, str]]]:
         """(drop reason, detail, code/output pairs)."""
         from mathtir.formats import parse_response
 
-        f = self.cfg.filters
+        f = self.filters
         segments = [s for s in parse_response(record.response, self.dialect)
                     if s.kind != "text" or s.text.strip()]
         blocks: list[tuple[str, str]] = []
@@ -167,7 +170,7 @@ class RecordProcessor:
                                     f"{hit.eval_set}:{hit.eval_id} overlap {hit.overlap:.2f}"))
                     continue
             rendered = render_example(record.problem, record.response, template=self.template,
-                                      dialect=self.dialect, train_on_outputs=self.cfg.train_on_outputs)
+                                      dialect=self.dialect, train_on_outputs=self.train_on_outputs)
             texts.append(rendered.text)
             spans.append(rendered.train_spans)
             pending.append((len(out), record, blocks))
@@ -176,22 +179,48 @@ class RecordProcessor:
         encodings = self.backend.encode_batch(texts, add_special_tokens=True) if texts else []
         for (slot, record, blocks), encoding, train_spans in zip(pending, encodings, spans, strict=True):
             ids = np.asarray(encoding.ids, dtype=np.int32)
-            if len(ids) > self.cfg.seq_length:
+            if len(ids) > self.seq_length:
                 out[slot] = Drop(record.source, record.index, record.location, "over_length",
-                                 f"{len(ids)} tokens > seq_length {self.cfg.seq_length}")
+                                 f"{len(ids)} tokens > seq_length {self.seq_length}")
                 continue
-            # A token is trained on when it starts inside a trained character span; tokens the tokenizer
-            # adds itself (BOS) have offset (0, 0) and are never trained on.
-            starts = np.fromiter((o[0] for o in encoding.offsets), dtype=np.int64, count=len(ids))
-            ends = np.fromiter((o[1] for o in encoding.offsets), dtype=np.int64, count=len(ids))
             trained = np.zeros(len(ids), dtype=np.int8)
             for a, b in train_spans:
-                trained[(starts >= a) & (starts < b) & (ends > starts)] = 1
+                first, last = _tokens_starting_in(encoding, a, b)
+                trained[first:last] = 1
             out[slot] = Document(
                 record.source, record.index, record.location, exact_key(record.problem, record.response),
                 self.minhasher.signature(f"{record.problem}\n{record.response}") if self.minhasher else None,
                 ids, trained, blocks)
         return out  # type: ignore[return-value]
+
+
+def _tokens_starting_in(encoding, a: int, b: int) -> tuple[int, int]:
+    """[first, last) token indices whose first character lies in the character span [a, b).
+
+    Asks the Rust encoding for the few tokens at the span's edges instead of materializing every token's
+    offsets in Python (which costs more than the tokenization itself). Tokens the tokenizer adds by itself
+    (BOS, offsets (0, 0)) never start inside a response span.
+    """
+    n = len(encoding.ids)
+    first = None
+    for c in range(a, b):  # the first character inside the span that belongs to a token
+        first = encoding.char_to_token(c)
+        if first is not None:
+            break
+    if first is None:
+        return 0, 0
+    if encoding.token_to_chars(first)[0] < a:  # that token straddles the span's start: not trained
+        first += 1
+    last = None
+    for c in range(b - 1, a - 1, -1):
+        last = encoding.char_to_token(c)
+        if last is not None:
+            break
+    # char_to_token gives the first token of a character split into several byte tokens: take them all.
+    start = encoding.token_to_chars(last)[0]
+    while last + 1 < n and (encoding.token_to_chars(last + 1) or (-1, -1))[0] == start:
+        last += 1
+    return first, last + 1
 
 
 _PROCESSOR: RecordProcessor | None = None  # set before forking; the workers inherit it
@@ -347,7 +376,7 @@ def prepare_part(cfg: DictConfig, part: int = 0, num_parts: int = 1) -> dict:
     tokenizer = load_tokenizer(cfg.tokenizer)
     global _PROCESSOR
     _PROCESSOR = RecordProcessor(cfg, tokenizer, load_decontamination(cfg))
-    workers = cfg.workers or os.cpu_count() or 1
+    workers = cfg.workers or len(os.sched_getaffinity(0))  # the CPUs this job may use (Slurm cpusets)
     if workers > 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one Rust thread per worker process: no oversubscription
 
@@ -390,7 +419,8 @@ def prepare_part(cfg: DictConfig, part: int = 0, num_parts: int = 1) -> dict:
     counts["records_read"] += counts["invalid"]
     tmp_docs.replace(parts_dir / f"{stem}.arrow")
     tmp_drops.replace(parts_dir / f"{stem}.dropped.jsonl")
-    done = {"fingerprint": config_id, "part": part, "num_parts": num_parts, "counts": dict(counts)}
+    done = {"fingerprint": config_id, "part": part, "num_parts": num_parts, "counts": dict(counts),
+            "tokenizer": tokenizer_identity(cfg.tokenizer, tokenizer)}
     tmp = done_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(done, indent=1))
     tmp.replace(done_path)
@@ -465,6 +495,7 @@ def merge(cfg: DictConfig, num_parts: int = 1) -> dict:
     parts_dir = out / "parts"
     config_id = fingerprint(cfg)
     part_counts: Counter = Counter()
+    identity = None
     for part in range(num_parts):
         done_path = parts_dir / f"{_part_stem(part, num_parts)}.json"
         if not done_path.is_file():
@@ -473,6 +504,7 @@ def merge(cfg: DictConfig, num_parts: int = 1) -> dict:
         if done["fingerprint"] != config_id:
             raise DataError(f"{done_path}: part {part} was prepared with another config or input; redo it")
         part_counts.update(done["counts"])
+        identity = identity or done["tokenizer"]
 
     stems = [_part_stem(p, num_parts) for p in range(num_parts)]
     store = _DocStore([parts_dir / f"{s}.arrow" for s in stems])
@@ -513,8 +545,6 @@ def merge(cfg: DictConfig, num_parts: int = 1) -> dict:
     bins = pack_best_fit_decreasing(lengths, cfg.seq_length) if kept else []
     # Shuffle whole sequences (seeded): best-fit decreasing puts the longest documents first.
     bins = [bins[j] for j in np.random.Generator(np.random.PCG64(cfg.seed)).permutation(len(bins))]
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    identity = tokenizer_identity(cfg.tokenizer, tokenizer)
     rows = (packed_row([store.document(refs[kept[d]]) for d in b], cfg.seq_length, identity["pad_id"]) for b in bins)
     shards = write_shards(out, rows, rows_per_shard=cfg.pack.rows_per_shard, row_group_size=cfg.pack.row_group_size)
     for stale in sorted(out.glob("shard_*.parquet")):
