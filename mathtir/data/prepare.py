@@ -48,6 +48,7 @@ from mathtir.data.readers import (
     iter_rows,
 )
 
+PART_FORMAT = 1  # bump when a part's files change meaning: parts written by other code are redone
 PART_SCHEMA = pa.schema([
     ("source", pa.int32()),
     ("index", pa.int64()),
@@ -366,7 +367,7 @@ def prepare_part(cfg: DictConfig, part: int = 0, num_parts: int = 1) -> dict:
     config_id = fingerprint(cfg)
     if done_path.is_file():
         done = json.loads(done_path.read_text())
-        if done.get("fingerprint") == config_id:
+        if done.get("fingerprint") == config_id and done.get("part_format") == PART_FORMAT:
             _log(f"{stem}: already done, reusing it")
             return done
         _log(f"{stem}: written with another config or input, redoing it")
@@ -419,7 +420,7 @@ def prepare_part(cfg: DictConfig, part: int = 0, num_parts: int = 1) -> dict:
     counts["records_read"] += counts["invalid"]
     tmp_docs.replace(parts_dir / f"{stem}.arrow")
     tmp_drops.replace(parts_dir / f"{stem}.dropped.jsonl")
-    done = {"fingerprint": config_id, "part": part, "num_parts": num_parts, "counts": dict(counts),
+    done = {"fingerprint": config_id, "part_format": PART_FORMAT, "part": part, "num_parts": num_parts, "counts": dict(counts),
             "tokenizer": tokenizer_identity(cfg.tokenizer, tokenizer)}
     tmp = done_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(done, indent=1))
@@ -501,7 +502,7 @@ def merge(cfg: DictConfig, num_parts: int = 1) -> dict:
         if not done_path.is_file():
             raise DataError(f"{done_path}: part {part} of {num_parts} is not done; run its prepare step first")
         done = json.loads(done_path.read_text())
-        if done["fingerprint"] != config_id:
+        if done.get("fingerprint") != config_id or done.get("part_format") != PART_FORMAT:
             raise DataError(f"{done_path}: part {part} was prepared with another config or input; redo it")
         part_counts.update(done["counts"])
         identity = identity or done["tokenizer"]
