@@ -1,0 +1,108 @@
+# Shared by the sbatch scripts in slurm/: find the repository, pick the Python, and launch ranks.
+#   Under Slurm: one srun task per node, each running torchrun for that node's ranks; MASTER_ADDR/PORT come
+#   from the allocation; optional container (pyxis --container-image, or apptainer for a .sif file).
+#   Without Slurm: the same torchrun command on this machine.
+# Environment knobs (all optional):
+#   MATHTIR_ROOT             repository root (default: the sbatch submit directory, else this file's parent)
+#   MATHTIR_PYTHON           interpreter (default: <root>/.venv/bin/python outside a container, else python3)
+#   MATHTIR_NPROC_PER_NODE   ranks per node (default: GPUs on the node; 2 on a CPU-only machine)
+#   MATHTIR_CONTAINER_IMAGE  container to run in; MATHTIR_CONTAINER_RUNTIME=pyxis|apptainer (default: apptainer
+#                            for a *.sif path, else pyxis); MATHTIR_CONTAINER_MOUNTS extra pyxis mounts
+# shellcheck shell=bash
+
+MATHTIR_ROOT=${MATHTIR_ROOT:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}
+cd "$MATHTIR_ROOT" || { echo "mathtir: cannot cd to $MATHTIR_ROOT (set MATHTIR_ROOT)" >&2; exit 1; }
+
+mathtir_python() {
+  if [ -n "${MATHTIR_PYTHON:-}" ]; then echo "$MATHTIR_PYTHON"
+  elif [ -z "${MATHTIR_CONTAINER_IMAGE:-}" ] && [ -x "$MATHTIR_ROOT/.venv/bin/python" ]; then
+    echo "$MATHTIR_ROOT/.venv/bin/python"
+  else echo python3; fi
+}
+
+mathtir_nproc_per_node() {
+  if [ -n "${MATHTIR_NPROC_PER_NODE:-}" ]; then echo "$MATHTIR_NPROC_PER_NODE"; return; fi
+  local gpus=0
+  if command -v nvidia-smi >/dev/null 2>&1; then gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); fi
+  if [ "$gpus" -gt 0 ]; then echo "$gpus"; else echo 2; fi   # CPU smoke recipes use TP=2
+}
+
+# The container wrapper for srun (pyxis flags) or for the command itself (apptainer), one word per line.
+mathtir_container_srun_args() {
+  [ -n "${MATHTIR_CONTAINER_IMAGE:-}" ] || return 0
+  [ "$(mathtir_container_runtime)" = pyxis ] || return 0
+  echo "--container-image=$MATHTIR_CONTAINER_IMAGE"
+  echo "--container-mounts=$MATHTIR_ROOT:$MATHTIR_ROOT${MATHTIR_CONTAINER_MOUNTS:+,$MATHTIR_CONTAINER_MOUNTS}"
+  echo "--container-workdir=$MATHTIR_ROOT"
+}
+
+mathtir_container_exec_prefix() {
+  [ -n "${MATHTIR_CONTAINER_IMAGE:-}" ] || return 0
+  [ "$(mathtir_container_runtime)" = apptainer ] || return 0
+  printf '%s\n' apptainer exec --nv --bind "$MATHTIR_ROOT" --pwd "$MATHTIR_ROOT" "$MATHTIR_CONTAINER_IMAGE"
+}
+
+mathtir_container_runtime() {
+  if [ -n "${MATHTIR_CONTAINER_RUNTIME:-}" ]; then echo "$MATHTIR_CONTAINER_RUNTIME"
+  elif [[ "${MATHTIR_CONTAINER_IMAGE:-}" == *.sif ]]; then echo apptainer
+  else echo pyxis; fi
+}
+
+# The address of the allocation's first node as the other nodes reach it (NodeAddr, which is also right for
+# emulated nodes whose names do not resolve).
+mathtir_master_addr() {
+  local head
+  head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+  scontrol show node "$head" --oneliner | tr ' ' '\n' | sed -n 's/^NodeAddr=//p'
+}
+
+# mathtir_launch MODULE ARGS...: run `python -m MODULE ARGS...` on every rank of the job (or locally).
+# Under Slurm with `--signal=B:USR1@<seconds>` the batch shell receives USR1 before the time limit or a
+# preemption: it asks the trainer (through MATHTIR_STOP_FILE) to checkpoint and exit, waits for it, then
+# requeues the job; the requeued run resumes from that checkpoint. Bash runs a trap only between foreground
+# commands, so the launch runs in the background and the shell waits for it.
+mathtir_launch() {
+  local module=$1; shift
+  local python nproc
+  python=$(mathtir_python)
+  nproc=$(mathtir_nproc_per_node)
+  if [ -z "${SLURM_JOB_ID:-}" ]; then
+    exec "$python" -m torch.distributed.run --standalone --nproc-per-node="$nproc" -m "$module" "$@"
+  fi
+
+  export MASTER_ADDR MASTER_PORT MATHTIR_STOP_FILE
+  MASTER_ADDR=$(mathtir_master_addr)
+  MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+  mkdir -p "$MATHTIR_ROOT/runs/.slurm"
+  MATHTIR_STOP_FILE="$MATHTIR_ROOT/runs/.slurm/stop-$SLURM_JOB_ID"  # on the shared filesystem rank 0 sees
+  rm -f "$MATHTIR_STOP_FILE" "$MATHTIR_STOP_FILE.saved"
+  echo "mathtir: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NUM_NODES node(s)," \
+       "$nproc rank(s) per node, master $MASTER_ADDR:$MASTER_PORT"
+
+  local -a srun_args exec_prefix
+  mapfile -t srun_args < <(mathtir_container_srun_args)
+  mapfile -t exec_prefix < <(mathtir_container_exec_prefix)
+  trap 'echo "mathtir: USR1 received: checkpoint, then requeue"; touch "$MATHTIR_STOP_FILE"' USR1
+  # SLURM_NODEID is per task, so it is expanded inside the task, not here.
+  # shellcheck disable=SC2016
+  srun --ntasks-per-node=1 --kill-on-bad-exit=1 "${srun_args[@]}" "${exec_prefix[@]}" bash -c '
+    exec "$0" -m torch.distributed.run --nnodes="$SLURM_JOB_NUM_NODES" --node-rank="$SLURM_NODEID" \
+      --nproc-per-node="$1" --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" -m "$2" "${@:3}"
+  ' "$python" "$nproc" "$module" "$@" &
+  local step=$! rc=0
+  # `wait` returns early (>128) when the trap fires; keep waiting until the step itself has ended.
+  while true; do
+    rc=0
+    wait "$step" || rc=$?
+    kill -0 "$step" 2>/dev/null || break
+  done
+  trap - USR1
+  if [ -e "$MATHTIR_STOP_FILE.saved" ]; then
+    echo "mathtir: checkpoint saved ($(cat "$MATHTIR_STOP_FILE.saved")); requeueing job $SLURM_JOB_ID"
+    rm -f "$MATHTIR_STOP_FILE" "$MATHTIR_STOP_FILE.saved"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+  fi
+  rm -f "$MATHTIR_STOP_FILE"
+  return "$rc"
+}
