@@ -35,11 +35,11 @@ done
 # Submitter: the array of parts, then the merge once every part succeeded.
 if [ "$parts" -gt 1 ]; then
   script="$MATHTIR_ROOT/slurm/prepare_data.sh"
-  array_id=$(sbatch --parsable "${sbatch_extra[@]}" --array="0-$((parts - 1))" \
-    --job-name=prepare_data_part --output="%x-%A_%a.out" "$script" "$@")
+  array_id=$(sbatch --parsable --array="0-$((parts - 1))" --job-name=prepare_data_part \
+    --output="%x-%A_%a.out" "${sbatch_extra[@]}" "$script" "$@")
   array_id=${array_id%%;*}
-  merge_id=$(sbatch --parsable "${sbatch_extra[@]}" --dependency="afterok:$array_id" \
-    --export="ALL,MATHTIR_DATA_MERGE_PARTS=$parts" --job-name=prepare_data_merge "$script" "$@")
+  merge_id=$(sbatch --parsable --dependency="afterok:$array_id" --job-name=prepare_data_merge \
+    --export="ALL,MATHTIR_DATA_MERGE_PARTS=$parts" "${sbatch_extra[@]}" "$script" "$@")
   merge_id=${merge_id%%;*}
   echo "prepare_data: array job $array_id ($parts parts), merge job $merge_id"
   echo "$merge_id"
