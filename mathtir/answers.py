@@ -35,6 +35,7 @@ import ctypes
 import functools
 import logging
 import math
+import os
 import queue
 import re
 import threading
@@ -47,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-DEFAULT_TIMEOUT_S = 2.0
+DEFAULT_TIMEOUT_S = 5.0  # CPU seconds for the symbolic step, math-verify's own default
 BOOTSTRAP_RESAMPLES = 2000
 NUMERIC_REL_TOL = Fraction(1, 10**9)
 _MAX_SYMBOLIC_CHARS = 400  # longer "answers" are prose or garbage: exact comparison only
@@ -128,7 +129,7 @@ _SYMBOLS = {
     "\u2212": "-", "\u2010": "-", "\u2011": "-", "\u2012": "-", "\u2013": "-", "\ufe63": "-",
     "×": "\\times ", "÷": "\\div ", "·": "\\cdot ", "⋅": "\\cdot ", "π": "\\pi ", "∞": "\\infty ",
     "≤": "\\le ", "≦": "\\le ", "≥": "\\ge ", "≧": "\\ge ", "≠": "\\ne ", "±": "\\pm ", "θ": "\\theta ",
-    "、": ",", "。": ".", "°C": "", "°": "", "マイナス": "-",
+    "、": ",", "。": ".", "°C": "", "°": "^\\circ ", "マイナス": "-",
 }
 _SYMBOL_RE = re.compile("|".join(map(re.escape, sorted(_SYMBOLS, key=len, reverse=True))))
 _SQRT_SIGN = re.compile(r"√\s*(?:\{([^{}]*)\}|\(([^()]*)\)|(\d+(?:\.\d+)?|[A-Za-z]))")
@@ -143,7 +144,6 @@ _LATEX_REWRITES = [
     (re.compile(r"\\(?:displaystyle|textstyle)(?![A-Za-z])"), ""),
     (re.compile(r"\\[,;:! ]|\\q?quad(?![A-Za-z])|~"), " "),
     (re.compile(r"\{,\}"), ","),
-    (re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ(?![A-Za-z])|\\circ(?![A-Za-z])|\\degree(?![A-Za-z])"), ""),
     (re.compile(r"\\%"), "%"),
     (re.compile(r"\\frac\s*([0-9A-Za-z])\s*([0-9A-Za-z])"), r"\\frac{\1}{\2}"),
     (re.compile(r"\\frac\s*\{([^{}]*)\}\s*([0-9A-Za-z])"), r"\\frac{\1}{\2}"),
@@ -178,6 +178,10 @@ _LATIN_UNIT_SUFFIX = re.compile(
     r"^(?P<number>[-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*"
     r"(?:km/h|m/s|cm|mm|km|m|kg|mg|g|mL|ml|dL|dl|L|l|s|sec|min|h|%)(?:\^\{?[23]\}?|[23])?$"
 )
+# Degrees are a unit where an angle is the answer (60°; 30°, 60°); next to a trigonometric function
+# (\sin 30^\circ) they are not, and stay for math-verify.
+_DEGREE_UNIT = re.compile(r"(?:\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree)(?![A-Za-z])\s*(?=,|$)")
+_TRIGONOMETRY = re.compile(r"\\(?:sin|cos|tan|sec|csc|cot)(?![A-Za-z])")
 _THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 _LEADING_VARIABLE = re.compile(
     r"^\s*(?:\\[A-Za-z]+|[A-Za-z]{1,3})(?:_\{?[A-Za-z0-9]+\}?)?(?:\([A-Za-z]\))?\s*=(?![=<>])\s*"
@@ -245,6 +249,8 @@ def _normalize(answer: str) -> str:
         previous = text
         text = _LEADING_WORDS.sub("", text)
         text = _TRAILING_WORDS.sub("", text)
+        if not _TRIGONOMETRY.search(text):
+            text = _DEGREE_UNIT.sub("", text)
         stripped = _JA_UNIT_SUFFIX.sub("", text).strip()
         text = stripped or text
         latin = _LATIN_UNIT_SUFFIX.match(text)
@@ -407,11 +413,15 @@ class _DropDisabledTimeoutWarning(logging.Filter):
 
 @functools.lru_cache(maxsize=1)
 def _math_verify():
+    """math-verify, imported and warmed up (its LaTeX grammar is built on first use). Called by the caller
+    before any bounded check: an import takes seconds on a loaded machine and must never be interrupted."""
     import math_verify
     from math_verify import grader, parser
 
     for module in (grader, parser):
         module.logger.addFilter(_DropDisabledTimeoutWarning())
+    math_verify.verify(math_verify.parse("$x+1$", parsing_timeout=None), math_verify.parse("$1+x$", parsing_timeout=None),
+                       timeout_seconds=None)
     return math_verify
 
 
@@ -444,6 +454,19 @@ def _raise_in_thread(thread_id: int, exception: type[BaseException] | None) -> N
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), target)
 
 
+_WALL_FACTOR = 4
+_POLL_S = 0.02  # how often a waiting caller looks at the checker's clock; finished checks return at once
+
+
+def _thread_cpu_clock(thread_id: int | None) -> Callable[[], float]:
+    try:
+        clock_id = time.pthread_getcpuclockid(thread_id)
+        time.clock_gettime(clock_id)
+        return functools.partial(time.clock_gettime, clock_id)
+    except (AttributeError, OSError, TypeError):
+        return time.monotonic
+
+
 class _Job:
     def __init__(self, fn: Callable[[], bool]):
         self.fn = fn
@@ -456,10 +479,15 @@ class _Job:
 class _Checker(threading.Thread):
     """A helper thread that runs bounded checks one at a time.
 
+    The budget is CPU time of the checker thread (wall time where the platform has no per-thread clock), so a
+    loaded machine slows checks down without turning them into spurious timeouts; wall time is capped at
+    `_WALL_FACTOR` times the budget all the same.
+
     Caller and checker race for `job.outcome["owner"]` with dict.setdefault, which is atomic under the GIL:
-    if the checker finishes first its result is used; if the caller's wait expires first it raises `_Deadline`
-    in the checker exactly once and returns False. An abandoned checker waits for that exception (pending or
-    delivered), clears it and exits, so it can never surface later in shared code; idle checkers are reused.
+    if the checker finishes first its result is used; if the budget runs out first the caller raises
+    `_Deadline` in the checker exactly once and returns False. An abandoned checker waits for that exception
+    (pending or delivered), clears it and exits, so it can never surface later in shared code; idle checkers
+    are reused.
     """
 
     _idle: list[_Checker] = []
@@ -476,8 +504,13 @@ class _Checker(threading.Thread):
         except IndexError:
             checker = cls()
         job = _Job(fn)
+        cpu_time = _thread_cpu_clock(checker.ident)
+        cpu_start = cpu_time()
+        wall_deadline = time.monotonic() + _WALL_FACTOR * timeout
         checker.jobs.put(job)
-        job.done.wait(timeout)
+        while not job.done.wait(_POLL_S):
+            if cpu_time() - cpu_start > timeout or time.monotonic() > wall_deadline:
+                break
         if job.outcome.setdefault("owner", "abandoned") == "finished":
             job.done.wait()  # the result is being handed over
             return job.result
@@ -510,6 +543,10 @@ class _Checker(threading.Thread):
         return False
 
 
+# A forked child (multiprocessing, Ray workers) inherits the idle list but not the threads behind it.
+os.register_at_fork(after_in_child=_Checker._idle.clear)
+
+
 def _equivalent_normalized(pred: str, gold: str, timeout: float) -> bool:
     if pred.replace(" ", "") == gold.replace(" ", ""):
         return True
@@ -528,6 +565,7 @@ def _equivalent_normalized(pred: str, gold: str, timeout: float) -> bool:
     for text in (pred, gold):
         if len(text) > _MAX_SYMBOLIC_CHARS or _NON_ASCII_WORD.search(text) or _too_costly(text):
             return False
+    _math_verify()
     return _Checker.run_bounded(lambda: _symbolic_equal(pred, gold), timeout)
 
 

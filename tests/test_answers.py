@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import multiprocessing
 import random
 import threading
 import time
@@ -100,6 +101,8 @@ EQUIVALENT = [
     ("(x+2)(x+1)", "(x+1)(x+2)"), ("(2x-1)(x+3)", "(x+3)(2x-1)"), ("x(x-3)", "(x-3)x"),
     # inequalities
     ("x \\ge 3", "3 \\le x"), ("x≧3", "x \\geq 3"),
+    # angles in a list
+    ("30°, 60°", "30, 60"),
     # a response with several boxes is judged by its last one
     ("\\boxed{3} \\boxed{5}", "5"),
 ]
@@ -167,6 +170,23 @@ def test_a_slow_symbolic_check_is_cut_off_at_the_timeout(in_thread):
 
 def _busy_helpers():
     return [t for t in threading.enumerate() if t.name == "mathtir-answer-check" and t not in _Checker._idle]
+
+
+def _check_in_forked_child(queue):
+    queue.put(is_equivalent("\\frac{9}{2}x+\\frac{3}{2}", "\\frac{9x+3}{2}", timeout=5.0))
+
+
+def test_checks_work_in_a_forked_child_after_the_parent_used_helper_threads():
+    """Ray and multiprocessing fork workers: the parent's idle helper threads do not exist in the child."""
+    assert is_equivalent("x^2+1", "1+x^2")  # the parent now has an idle helper
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=_check_in_forked_child, args=(results,))
+    start = time.perf_counter()
+    child.start()
+    child.join(30)
+    assert results.get(timeout=5) is True
+    assert time.perf_counter() - start < 5  # not waiting out the timeout on a thread that is not there
 
 
 def _garbage(seed: int) -> list[str]:
