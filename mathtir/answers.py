@@ -21,9 +21,12 @@ A response with several `\\boxed{}` answers is judged by the last one (`extract_
 whole response would merge `\\boxed{3}` and `\\boxed{5}` into the set {3, 5}.
 
 Time bound (see `_Checker`): math-verify's own timeouts use `signal.alarm`, which only works in the main
-thread, so they are disabled. The symbolic step runs instead on a helper thread; the caller waits at most
-`timeout` seconds, then raises an exception inside the helper (`PyThreadState_SetAsyncExc`) and retires it.
-That works from any thread, Ray actors included, and costs one thread hand-off per symbolic check. An
+thread, so they are disabled (`parsing_timeout=None`, `timeout_seconds=None`). The symbolic step runs instead
+on a helper thread; once it has used `timeout` seconds of CPU time (or 4x that in wall time) the caller raises
+an exception inside the helper (`PyThreadState_SetAsyncExc`), retires it and answers False. That works from
+any thread, Ray actors and forked workers included, costs one thread hand-off (~25 us) per symbolic check, and
+does not turn a loaded machine's slowness into spurious timeouts. Chosen over a subprocess per check (tens of
+ms each: far below the speed target) and over sys.settrace deadlines (slows all sympy code several-fold). An
 asynchronous exception is only seen between Python bytecodes, so work that stays in C (big-integer powers such
 as `10^{10^{10}}`, huge factorials and binomials) cannot be interrupted: `_too_costly` refuses such answers
 before they reach sympy.
@@ -354,7 +357,7 @@ def _ordered_pair(text: str) -> list[str] | None:
     return _split_top_level(text[1:-1]) if _encloses(text, "(", ")") else None
 
 
-_NON_ASCII_WORD = re.compile(r"[^\x00-\x7f]")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
 _EXPONENT = re.compile(r"\^\s*(\{)?")
 _FACTORIAL = re.compile(r"(?:(\d+)|[^\s\d!])\s*!")
 
@@ -420,8 +423,8 @@ def _math_verify():
 
     for module in (grader, parser):
         module.logger.addFilter(_DropDisabledTimeoutWarning())
-    math_verify.verify(math_verify.parse("$x+1$", parsing_timeout=None), math_verify.parse("$1+x$", parsing_timeout=None),
-                       timeout_seconds=None)
+    warm_up = [math_verify.parse(text, parsing_timeout=None) for text in ("$x+1$", "$1+x$")]
+    math_verify.verify(*warm_up, timeout_seconds=None)
     return math_verify
 
 
@@ -563,7 +566,7 @@ def _equivalent_normalized(pred: str, gold: str, timeout: float) -> bool:
             return False
         return all(_equivalent_normalized(p, g, timeout) for p, g in zip(pred_items, gold_items, strict=True))
     for text in (pred, gold):
-        if len(text) > _MAX_SYMBOLIC_CHARS or _NON_ASCII_WORD.search(text) or _too_costly(text):
+        if len(text) > _MAX_SYMBOLIC_CHARS or _NON_ASCII.search(text) or _too_costly(text):
             return False
     _math_verify()
     return _Checker.run_bounded(lambda: _symbolic_equal(pred, gold), timeout)
@@ -571,7 +574,7 @@ def _equivalent_normalized(pred: str, gold: str, timeout: float) -> bool:
 
 def is_equivalent(pred: str, gold: str, *, timeout: float = DEFAULT_TIMEOUT_S) -> bool:
     """Whether the predicted answer means the gold answer (see the module docstring). Never raises; the
-    symbolic step gives up (False) after `timeout` seconds; safe to call from any thread."""
+    symbolic step gives up (False) after `timeout` CPU seconds; safe to call from any thread."""
     try:
         if not isinstance(pred, str) or not isinstance(gold, str):
             return False
@@ -678,6 +681,26 @@ def _majority_at_k(labels: list[int | None], class_correct: list[float], k: int)
     return float(np.mean([class_correct[c] for c in top])), False
 
 
+def _judge(
+    answers: list[str | None], gold: str, timeout: float
+) -> tuple[list[bool], list[int | None], list[str], list[float]]:
+    """Per-sample correctness, class labels, class representatives and per-class correctness. Each distinct
+    spelling is judged once: 15 samples usually hold only a few."""
+    gold_normalized = normalize_answer(gold)
+    verdicts: dict[str, bool] = {}
+
+    def is_correct(answer: str | None) -> bool:
+        if answer is None:
+            return False
+        key = normalize_answer(answer)
+        if key not in verdicts:
+            verdicts[key] = _safe_equivalent(key, gold_normalized, timeout)
+        return verdicts[key]
+
+    labels, representatives = group_answers(answers, timeout=timeout)
+    return [is_correct(a) for a in answers], labels, representatives, [float(is_correct(r)) for r in representatives]
+
+
 METRIC_DEFINITIONS = {
     "majority@k": "majority vote over the first k samples (sample order = seed order, as in NeMo-Skills); "
     "answers pooled by equivalence class; a tie scores the mean correctness of the tied classes; no answer "
@@ -728,12 +751,7 @@ def score_problems(
     pass1, no_answer, no_answer_majority = [], [], []
     for problem_id in problem_ids:
         answers = list(samples[problem_id])
-        gold_normalized = normalize_answer(gold[problem_id])
-        correct = [a is not None and _safe_equivalent(normalize_answer(a), gold_normalized, timeout) for a in answers]
-        labels, representatives = group_answers(answers, timeout=timeout)
-        class_correct = [
-            float(_safe_equivalent(normalize_answer(rep), gold_normalized, timeout)) for rep in representatives
-        ]
+        correct, labels, representatives, class_correct = _judge(answers, gold[problem_id], timeout)
         for k in majority:
             majority[k].append(_majority_at_k(labels, class_correct, k)[0])
             passes[k].append(pass_at_k(len(answers), sum(correct), k))
