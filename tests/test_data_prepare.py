@@ -130,6 +130,9 @@ def test_prepare_counts_every_step_and_shards_hold_the_exact_texts(recipe, smoll
     report = (out / "report.md").read_text()
     for reason in EXPECTED_DROPS:
         assert reason.replace("_", " ") in report
+    assert manifest["decontamination"]["hits"] == [{"location": contaminated["location"],
+                                                    "eval": contaminated["detail"]}]
+    assert f"- {contaminated['location']}: eval.jsonl:e1" in report
 
 
 def test_same_seed_gives_byte_identical_shards_also_through_array_parts(recipe, tmp_path):
@@ -201,3 +204,20 @@ def test_train_on_outputs_false_masks_output_blocks(recipe, smollm2_hf_dir, tmp_
     all_text = tokenizer.decode(row["tokens"][: row["doc_offsets"][-1]])
     assert "```python" in trained_text and "```output" in all_text and "```output" not in trained_text
     assert torch.all(row["loss_mask"][row["doc_offsets"][-1] - 1:] == 0)
+
+
+def test_near_duplicates_are_removed_only_when_enabled(recipe, tmp_path):
+    steps = "".join(f"ステップ{k}: 左辺と右辺を比べ、{k}を代入して式を整理する。" for k in range(30))
+    rows = [{"problem": "長い問題", "generated_solution": f"{steps}答えは \\boxed{{5}}", "expected_answer": "5"},
+            {"problem": "長い問題", "generated_solution": f"{steps.replace('比べ', '比較し', 1)}答えは \\boxed{{5}}",
+             "expected_answer": "5"},
+            {"problem": "別の問題", "generated_solution": "全く違う解き方で 2 + 3 = 5。答えは \\boxed{5}", "expected_answer": "5"}]
+    data = tmp_path / "near.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    common = [f"inputs=[{data}]", "fields.mode=null", "filters.modes=null", "seq_length=2048"]
+    off = prepare(load_data_recipe(recipe, [*common, f"output_dir={tmp_path / 'off'}"]))
+    assert off["counts"]["packed_documents"] == 3 and off["counts"]["near_duplicate"] == 0
+    on = prepare(load_data_recipe(recipe, [*common, f"output_dir={tmp_path / 'on'}", "dedup.near=true"]))
+    assert on["counts"]["near_duplicate"] == 1 and on["counts"]["packed_documents"] == 2
+    (entry,) = [json.loads(line) for line in (tmp_path / "on" / "dropped.jsonl").read_text().splitlines()]
+    assert entry["index"] == 1 and entry["detail"] == f"near duplicate of {data}:1"

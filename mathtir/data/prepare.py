@@ -552,7 +552,8 @@ def merge(cfg: DictConfig, num_parts: int = 1) -> dict:
         if stale.name not in {s.file for s in shards}:
             stale.unlink()
 
-    drops_total = _write_drops(out, stems, parts_dir, dedup_drops)
+    dropped = _write_drops(out, stems, parts_dir, dedup_drops)
+    drops_total = len(dropped)
     counts["packed_documents"] = len(kept)
     accounted = counts["packed_documents"] + sum(counts[r] for r in DROP_REASONS)
     if accounted != counts["records_read"] or drops_total != sum(counts[r] for r in DROP_REASONS):
@@ -574,6 +575,11 @@ def merge(cfg: DictConfig, num_parts: int = 1) -> dict:
                    **{r: counts[r] for r in DROP_REASONS},
                    "packed_documents": counts["packed_documents"]},
         "verification": _verification_summary(counts) if cfg.verify.enabled else None,
+        "decontamination": {
+            "eval_sets": [str(p) for p in cfg.decontam.eval_sets],
+            "ngram": cfg.decontam.ngram, "min_overlap": cfg.decontam.min_overlap,
+            "hits": [{"location": d["location"], "eval": d["detail"]} for d in dropped if d["reason"] == "contaminated"],
+        },
         "tokens": {
             "documents": packed_tokens,
             "trained": sum(s.trained_tokens for s in shards),
@@ -597,7 +603,7 @@ def merge(cfg: DictConfig, num_parts: int = 1) -> dict:
     return manifest
 
 
-def _write_drops(out: Path, stems: list[str], parts_dir: Path, dedup_drops: list[Drop]) -> int:
+def _write_drops(out: Path, stems: list[str], parts_dir: Path, dedup_drops: list[Drop]) -> list[dict]:
     """<out>/dropped.jsonl: every record that did not make it into the shards, in input order, with why."""
     lines = []
     for stem in stems:
@@ -607,7 +613,7 @@ def _write_drops(out: Path, stems: list[str], parts_dir: Path, dedup_drops: list
     tmp = out / "dropped.jsonl.tmp"
     tmp.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries), encoding="utf-8")
     tmp.replace(out / "dropped.jsonl")
-    return len(entries)
+    return entries
 
 
 def _verification_summary(counts: Counter) -> dict:
@@ -637,6 +643,15 @@ def render_report(manifest: dict) -> str:
         lines += ["## Execution verification", "",
                   f"{v['samples_checked']} samples with code re-run ({v['blocks_run']} blocks): {v['failed']} "
                   f"dropped ({100 * v['drop_rate']:.2f}%; {reasons}).", ""]
+    d = manifest["decontamination"]
+    if d["eval_sets"]:
+        lines += ["## Decontamination", "",
+                  f"Against {', '.join(f'`{p}`' for p in d['eval_sets'])} ({d['ngram']}-grams, overlap >= "
+                  f"{d['min_overlap']}): {len(d['hits'])} training records dropped."]
+        lines += [f"- {hit['location']}: {hit['eval']}" for hit in d["hits"][:50]]
+        if len(d["hits"]) > 50:
+            lines.append(f"- ... {len(d['hits']) - 50} more in `dropped.jsonl`")
+        lines.append("")
     lines += ["## Tokens", "",
               f"- documents: {c['packed_documents']}, tokens {t['documents']} (trained on: {t['trained']}), "
               f"mean length {t['mean_document_length']:.1f}, max {t['max_document_length']}",
