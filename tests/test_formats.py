@@ -346,3 +346,21 @@ def test_output_format_rejects_bad_values_naming_the_field():
         OutputFormat(max_chars=0)
     with pytest.raises(ValueError, match="errors"):
         OutputFormat(errors="full")
+
+
+def test_chat_template_of_the_real_smollm2_tokenizer(smollm2_hf_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_hf_dir)
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "1+1は?"}]
+    template = get_template("chat", tokenizer=tokenizer, system="S")
+    assert template.render_prompt("1+1は?") == tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    assert template.eos == tokenizer.eos_token == "<|im_end|>"
+    # The template's own default system prompt is kept when none is given.
+    assert "SmolLM" in get_template("chat", tokenizer=tokenizer).render_prompt("q")
+    # A rendered training example tokenizes to prompt tokens followed by response tokens ending in eos.
+    example = render_example("1+1は?", "\\boxed{2}", template=template, dialect="tir")
+    ids = tokenizer(example.text)["input_ids"]
+    assert ids[-1] == tokenizer.eos_token_id
