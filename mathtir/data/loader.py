@@ -48,23 +48,32 @@ class PackedDataset:
                 first += meta.row_group(rg).num_rows
         self._len = first
         self._group_starts = np.array([g[2] for g in self._groups], dtype=np.int64)
-        self._cache: OrderedDict[tuple[int, int], dict[str, list]] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, int], dict[str, np.ndarray]] = OrderedDict()
 
     def __len__(self) -> int:
         return self._len
 
-    def _row_group(self, shard_index: int, rg: int) -> dict[str, list]:
+    def _row_group(self, shard_index: int, rg: int) -> dict[str, np.ndarray]:
+        """One row group as flat value arrays plus row offsets per column (no per-token Python objects)."""
         key = (shard_index, rg)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
         table = pq.ParquetFile(self.shards[shard_index]).read_row_group(
             rg, columns=["input_ids", "loss_mask", "doc_offsets"])
-        group = {name: table.column(name).to_pylist() for name in ("input_ids", "loss_mask", "doc_offsets")}
+        group = {}
+        for name in ("input_ids", "loss_mask", "doc_offsets"):
+            column = table.column(name).combine_chunks()
+            group[name] = column.values.to_numpy()
+            group[name + "_offsets"] = column.offsets.to_numpy()
         self._cache[key] = group
         if len(self._cache) > _CACHED_ROW_GROUPS:
             self._cache.popitem(last=False)
         return group
+
+    def _row(self, group: dict[str, np.ndarray], name: str, row: int) -> np.ndarray:
+        offsets = group[name + "_offsets"]
+        return group[name][offsets[row]:offsets[row + 1]]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not -self._len <= index < self._len:
@@ -74,7 +83,7 @@ class PackedDataset:
         shard_index, rg, first = self._groups[g]
         group = self._row_group(shard_index, rg)
         row = index - first
-        tokens = torch.tensor(group["input_ids"][row], dtype=torch.long)
+        tokens = torch.from_numpy(self._row(group, "input_ids", row).astype(np.int64))
         if tokens.numel() != self.seq_length:
             raise ValueError(f"{self.shards[shard_index]}: row {row} of row group {rg} has "
                              f"{tokens.numel()} tokens, expected seq_length {self.seq_length}")
@@ -83,8 +92,8 @@ class PackedDataset:
         return {
             "tokens": tokens,
             "labels": labels,
-            "loss_mask": torch.tensor(group["loss_mask"][row], dtype=torch.float32),
-            "doc_offsets": torch.tensor(group["doc_offsets"][row], dtype=torch.long),
+            "loss_mask": torch.from_numpy(self._row(group, "loss_mask", row).astype(np.float32)),
+            "doc_offsets": torch.from_numpy(self._row(group, "doc_offsets", row).astype(np.int64)),
         }
 
 

@@ -232,20 +232,19 @@ def _process_in_worker(records: list[Record]) -> list[Document | Drop]:
     return _PROCESSOR(records)
 
 
-def _ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
-    """fn over items in worker processes, results in input order, at most 2 tasks per worker in flight (a
-    plain Pool.imap would read the whole input ahead and grow memory with the dataset)."""
-    if workers <= 1:
+def _ordered_map(fn: Callable, items: Iterable, pool, in_flight: int) -> Iterator:
+    """fn over items in the worker pool (in-process without one), results in input order, at most in_flight
+    tasks submitted at once (a plain Pool.imap would read the whole input ahead and grow memory with it)."""
+    if pool is None:
         yield from map(fn, items)
         return
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        pending: deque = deque()
-        for item in items:
-            pending.append(pool.apply_async(fn, (item,)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
-        while pending:
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.apply_async(fn, (item,)))
+        if len(pending) >= in_flight:
             yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -386,6 +385,8 @@ def prepare_part(cfg: DictConfig, part: int = 0, num_parts: int = 1) -> dict:
     tmp_docs = parts_dir / f"{stem}.arrow.tmp"
     tmp_drops = parts_dir / f"{stem}.dropped.jsonl.tmp"
     records = iter_records(inputs, FieldMap(**cfg.fields), part=part, num_parts=num_parts)
+    # Fork the workers first, while this process has no threads (the sandbox pool starts some).
+    workers_pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     sandbox = _open_sandbox(cfg) if cfg.verify.enabled else None
     try:
         with pa.OSFile(str(tmp_docs), "wb") as sink, pa.ipc.new_file(sink, PART_SCHEMA) as writer, \
@@ -396,7 +397,7 @@ def prepare_part(cfg: DictConfig, part: int = 0, num_parts: int = 1) -> dict:
                 drops_file.write(drop.as_json() + "\n")
 
             batches = _batches(records, cfg.batch_size, cfg.skip_invalid, invalid)
-            for number, results in enumerate(_ordered_map(_process_in_worker, batches, workers), start=1):
+            for number, results in enumerate(_ordered_map(_process_in_worker, batches, workers_pool, 2 * workers), start=1):
                 while invalid:
                     emit_drop(invalid.pop(0))
                 counts["records_read"] += len(results)
@@ -415,13 +416,15 @@ def prepare_part(cfg: DictConfig, part: int = 0, num_parts: int = 1) -> dict:
             while invalid:
                 emit_drop(invalid.pop(0))
     finally:
+        if workers_pool is not None:
+            workers_pool.terminate()
         if sandbox is not None:
             sandbox.__exit__(None, None, None)
     counts["records_read"] += counts["invalid"]
     tmp_docs.replace(parts_dir / f"{stem}.arrow")
     tmp_drops.replace(parts_dir / f"{stem}.dropped.jsonl")
-    done = {"fingerprint": config_id, "part_format": PART_FORMAT, "part": part, "num_parts": num_parts, "counts": dict(counts),
-            "tokenizer": tokenizer_identity(cfg.tokenizer, tokenizer)}
+    done = {"fingerprint": config_id, "part_format": PART_FORMAT, "part": part, "num_parts": num_parts,
+            "counts": dict(counts), "tokenizer": tokenizer_identity(cfg.tokenizer, tokenizer)}
     tmp = done_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(done, indent=1))
     tmp.replace(done_path)
