@@ -187,7 +187,8 @@ _DEGREE_UNIT = re.compile(r"(?:\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree
 _TRIGONOMETRY = re.compile(r"\\(?:sin|cos|tan|sec|csc|cot)(?![A-Za-z])")
 _THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 _LEADING_VARIABLE = re.compile(
-    r"^\s*(?:\\[A-Za-z]+|[A-Za-z]{1,3})(?:_\{?[A-Za-z0-9]+\}?)?(?:\([A-Za-z]\))?\s*=(?![=<>])\s*"
+    r"^\s*(?:\\[A-Za-z]+|[A-Za-z]{1,3}|\(\s*[A-Za-z](?:\s*,\s*[A-Za-z])+\s*\))(?:_\{?[A-Za-z0-9]+\}?)?(?:\([A-Za-z]\))?"
+    r"\s*=(?![=<>])\s*"
 )
 
 
@@ -564,7 +565,10 @@ def _equivalent_normalized(pred: str, gold: str, timeout: float) -> bool:
         gold_items = gold_pair if gold_pair is not None else _split_top_level(gold)
         if pred_items is None or gold_items is None or len(pred_items) != len(gold_items):
             return False
-        return all(_equivalent_normalized(p, g, timeout) for p, g in zip(pred_items, gold_items, strict=True))
+        return all(
+            _equivalent_normalized(normalize_answer(p), normalize_answer(g), timeout)
+            for p, g in zip(pred_items, gold_items, strict=True)
+        )
     for text in (pred, gold):
         if len(text) > _MAX_SYMBOLIC_CHARS or _NON_ASCII.search(text) or _too_costly(text):
             return False

@@ -97,6 +97,7 @@ EQUIVALENT = [
     # sets, lists, pairs
     ("\\{1, 2\\}", "\\{2, 1\\}"), ("2, 1", "1, 2"), ("x=1, x=2", "1, 2"), ("x=1またはx=2", "1, 2"),
     ("(1, 2)", "(1,2)"), ("1, 2", "(1, 2)"), ("\\left(-1, \\frac{1}{2}\\right)", "(-1, 0.5)"),
+    ("(x, y) = (2, 3)", "(2, 3)"), ("x=2, y=3", "(2,3)"), ("(12個, 3個)", "(12, 3)"),
     # factored answers in another order or sign arrangement are still factored and equal
     ("(x+2)(x+1)", "(x+1)(x+2)"), ("(2x-1)(x+3)", "(x+3)(2x-1)"), ("x(x-3)", "(x-3)x"),
     # inequalities
