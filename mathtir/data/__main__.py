@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train", type=int, default=2000, help="training problems")
+    p.add_argument("--train", type=int, default=1000, help="training problems")
     p.add_argument("--eval", type=int, default=100, help="held-out evaluation problems")
     p.add_argument("--sandbox-workers", type=int, default=2)
     args = parser.parse_args(argv)

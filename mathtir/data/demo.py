@@ -130,7 +130,7 @@ def tir_solution(p: Problem, output_block: str, dialect) -> str:
             f"したがって、{p.final_sentence()}")
 
 
-def write_demo_data(out: str | Path, *, seed: int = 0, n_train: int = 2000, n_eval: int = 100,
+def write_demo_data(out: str | Path, *, seed: int = 0, n_train: int = 1000, n_eval: int = 100,
                     sandbox_workers: int = 2) -> dict[str, Path]:
     """Generate, execute every TIR code block in the sandbox, check its output, write the files."""
     from mathtir.formats import format_output, get_dialect
