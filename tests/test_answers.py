@@ -187,7 +187,8 @@ def test_checks_work_in_a_forked_child_after_the_parent_used_helper_threads():
     child.start()
     child.join(30)
     assert results.get(timeout=5) is True
-    assert time.perf_counter() - start < 5  # not waiting out the timeout on a thread that is not there
+    # Not waiting out the budget (5 s CPU, 20 s wall) on a helper thread that does not exist in the child.
+    assert time.perf_counter() - start < 15
 
 
 def _garbage(seed: int) -> list[str]:
