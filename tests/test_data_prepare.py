@@ -221,3 +221,26 @@ def test_near_duplicates_are_removed_only_when_enabled(recipe, tmp_path):
     assert on["counts"]["near_duplicate"] == 1 and on["counts"]["packed_documents"] == 2
     (entry,) = [json.loads(line) for line in (tmp_path / "on" / "dropped.jsonl").read_text().splitlines()]
     assert entry["index"] == 1 and entry["detail"] == f"near duplicate of {data}:1"
+
+
+def test_trained_token_span_matches_offsets_with_added_special_tokens(smollm2_hf_dir):
+    """The span search agrees with the per-token offsets definition, also when the tokenizer adds BOS/EOS."""
+    import random
+
+    from tokenizers import Tokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    from mathtir.data.prepare import _tokens_starting_in
+
+    tokenizer = Tokenizer.from_file(str(smollm2_hf_dir / "tokenizer.json"))
+    tokenizer.post_processor = TemplateProcessing(single="<|im_start|> $A <|endoftext|>", special_tokens=[
+        ("<|im_start|>", tokenizer.token_to_id("<|im_start|>")), ("<|endoftext|>", tokenizer.token_to_id("<|endoftext|>"))])
+    texts = ["### 応答:\n答えは𝑥=３です😀😀。<|im_end|>", "abc def\n```output\n12\n```\n終わり😀", "日本語😀中😀 x"]
+    rng = random.Random(0)
+    for text in texts * 40:
+        encoding = tokenizer.encode(text)
+        a = rng.randint(1, len(text) - 1)
+        b = rng.choice([rng.randint(a + 1, len(text)), len(text)])
+        expected = [i for i, (s, e) in enumerate(encoding.offsets) if a <= s < b and e > s]
+        first, last = _tokens_starting_in(encoding, a, b, len(text))
+        assert list(range(first, last)) == expected, (text, a, b)

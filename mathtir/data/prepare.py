@@ -178,7 +178,7 @@ class RecordProcessor:
             out.append(None)
         # One batched call: the fast tokenizer's own throughput is the bench's baseline.
         encodings = self.backend.encode_batch(texts, add_special_tokens=True) if texts else []
-        for (slot, record, blocks), encoding, train_spans in zip(pending, encodings, spans, strict=True):
+        for (slot, record, blocks), encoding, text, train_spans in zip(pending, encodings, texts, spans, strict=True):
             ids = np.asarray(encoding.ids, dtype=np.int32)
             if len(ids) > self.seq_length:
                 out[slot] = Drop(record.source, record.index, record.location, "over_length",
@@ -186,7 +186,7 @@ class RecordProcessor:
                 continue
             trained = np.zeros(len(ids), dtype=np.int8)
             for a, b in train_spans:
-                first, last = _tokens_starting_in(encoding, a, b)
+                first, last = _tokens_starting_in(encoding, a, b, len(text))
                 trained[first:last] = 1
             out[slot] = Document(
                 record.source, record.index, record.location, exact_key(record.problem, record.response),
@@ -195,12 +195,12 @@ class RecordProcessor:
         return out  # type: ignore[return-value]
 
 
-def _tokens_starting_in(encoding, a: int, b: int) -> tuple[int, int]:
+def _tokens_starting_in(encoding, a: int, b: int, text_length: int) -> tuple[int, int]:
     """[first, last) token indices whose first character lies in the character span [a, b).
 
     Asks the Rust encoding for the few tokens at the span's edges instead of materializing every token's
     offsets in Python (which costs more than the tokenization itself). Tokens the tokenizer adds by itself
-    (BOS, offsets (0, 0)) never start inside a response span.
+    (BOS/EOS, offsets (0, 0)) never start inside a response span.
     """
     n = len(encoding.ids)
     first = None
@@ -212,6 +212,11 @@ def _tokens_starting_in(encoding, a: int, b: int) -> tuple[int, int]:
         return 0, 0
     if encoding.token_to_chars(first)[0] < a:  # that token straddles the span's start: not trained
         first += 1
+    if b == text_length:  # the usual case (the span runs to the end): skip trailing added special tokens
+        last = n - 1
+        while last >= first and (encoding.token_to_chars(last) or (-1, -1))[0] < a:
+            last -= 1
+        return first, last + 1
     last = None
     for c in range(b - 1, a - 1, -1):
         last = encoding.char_to_token(c)
