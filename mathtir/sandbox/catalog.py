@@ -1,0 +1,341 @@
+"""The hostile catalog: snippets that try to escape, starve or poison a sandbox worker.
+
+One home for the cases, used by `python -m mathtir.sandbox selftest` and by tests/test_sandbox_hostile.py.
+Each case is run on a worker and then checked: the status is one of the expected ones, the host is
+untouched (planted secrets unread, bait files and listeners untouched, no leaked processes), and the
+SAME worker (not restarted) then runs `print(2+3)` correctly, plus an optional probe for leftover state.
+
+Snippet placeholders, filled in from HostBait: @KEY_PATH@ (a planted private key file), @SECRET_ENV@
+(name of a planted environment variable), @BAIT_DIR@ (a host directory), @TCP_PORT@/@UDP_PORT@
+(listeners on the host's loopback), @HOST_FILE@ (a file of this repository).
+Network cases use only loopback and 192.0.2.1 (TEST-NET-1, reserved for documentation): never any
+other address.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mathtir.sandbox.pool import ExecResult, Worker
+
+
+@dataclass(frozen=True)
+class HostileCase:
+    name: str
+    code: str
+    expect: tuple[str, ...]  # acceptable statuses
+    timeout: float = 2.0
+    stdout_has: str | None = None
+    stdout_lacks: str | None = None
+    error_has: str | None = None
+    probe: str | None = None  # run next on the same worker; its stdout must equal probe_stdout
+    probe_stdout: str | None = None
+
+
+TIMEOUT = ("timeout",)
+ERROR = ("error",)
+KILLED = ("killed",)
+OUTPUT_LIMIT = ("output_limit",)
+EMPTY_SCRATCH = ("import os\nprint(os.listdir('/tmp'), os.listdir('/dev/shm'))", "[] []\n")
+
+CATALOG: tuple[HostileCase, ...] = (
+    # --- time ---
+    HostileCase("infinite_loop", "while True:\n    pass", TIMEOUT, timeout=1),
+    HostileCase("sleep_forever", "import time\ntime.sleep(10**6)", TIMEOUT, timeout=1),
+    HostileCase("ignore_all_signals_then_spin",
+                "import signal\nfor s in signal.valid_signals():\n    try:\n        signal.signal(s, signal.SIG_IGN)\n"
+                "    except (OSError, ValueError):\n        pass\nwhile True:\n    pass", TIMEOUT, timeout=1),
+    HostileCase("handlers_swallow_alarm_term_xcpu",
+                "import signal\nfor s in (signal.SIGALRM, signal.SIGTERM, signal.SIGXCPU, signal.SIGINT):\n"
+                "    signal.signal(s, lambda *a: None)\nwhile True:\n    pass", TIMEOUT, timeout=1),
+    HostileCase("catastrophic_regex_in_c", "import re\nre.match(r'(a+)+$', 'a' * 64 + 'b')", TIMEOUT, timeout=1),
+    HostileCase("stop_self", "import os, signal\nos.kill(os.getpid(), signal.SIGSTOP)\nprint('resumed')",
+                TIMEOUT, timeout=1, stdout_lacks="resumed"),
+    HostileCase("handler_for_sigkill", "import signal\nsignal.signal(signal.SIGKILL, lambda *a: None)", ERROR,
+                error_has="OSError"),
+    # --- processes ---
+    HostileCase("fork", "import os\nos.fork()", ERROR, error_has="PermissionError"),
+    HostileCase("fork_bomb", "import os\nwhile True:\n    os.fork()", ERROR, error_has="PermissionError"),
+    HostileCase("multiprocessing_pool",
+                "import multiprocessing\nwith multiprocessing.Pool(4) as p:\n    print(p.map(abs, range(8)))", ERROR),
+    HostileCase("subprocess_run", "import subprocess\nsubprocess.run(['/bin/sh', '-c', 'echo pwned'])", ERROR,
+                stdout_lacks="pwned"),
+    HostileCase("os_system", "import os\nprint('rc', os.system('echo pwned'))", ("ok",), stdout_lacks="pwned"),
+    HostileCase("os_execv", "import os\nos.execv('/bin/sh', ['sh', '-c', 'echo pwned'])", ERROR,
+                stdout_lacks="pwned"),
+    HostileCase("posix_spawn", "import os\nos.posix_spawn('/bin/sh', ['sh', '-c', 'echo pwned'], {})", ERROR,
+                stdout_lacks="pwned"),
+    HostileCase("thread_bomb",
+                "import threading, time\nwhile True:\n    threading.Thread(target=time.sleep, args=(100,), "
+                "daemon=True).start()", ERROR),
+    HostileCase("spinning_threads_outlive_main",
+                "import threading\nfor _ in range(8):\n    threading.Thread(target=lambda: [0 for _ in iter(int, 1)])"
+                ".start()\nprint('main done')", TIMEOUT, timeout=1),
+    # --- memory ---
+    HostileCase("memory_list", "x = [0] * (10**10)", ERROR, error_has="MemoryError"),
+    HostileCase("memory_growth", "x = []\nwhile True:\n    x.append(bytearray(10**7))", ERROR, timeout=10,
+                error_has="MemoryError"),
+    HostileCase("memory_bytes", "b = b'x' * (10**11)", ERROR, error_has="MemoryError"),
+    HostileCase("memory_numpy", "import numpy as np\na = np.ones((10**6, 10**5))", ERROR, error_has="MemoryError"),
+    HostileCase("memory_mmap", "import mmap\nm = mmap.mmap(-1, 10**11)", ERROR),
+    HostileCase("recursion", "def f(n):\n    return f(n + 1)\nf(0)", ERROR, error_has="RecursionError"),
+    HostileCase("c_stack_overflow", "x = ()\nfor _ in range(10**6):\n    x = (x,)\nhash(x)", KILLED, timeout=8),
+    # --- output ---
+    HostileCase("stdout_flood", "while True:\n    print('A' * 1000)", OUTPUT_LIMIT),
+    HostileCase("stderr_flood", "import sys\nwhile True:\n    sys.stderr.write('B' * 1000)", OUTPUT_LIMIT),
+    HostileCase("both_streams_flood", "import sys\nwhile True:\n    print('A' * 500)\n    sys.stderr.write('B' * 500)",
+                OUTPUT_LIMIT),
+    HostileCase("single_huge_write", "import sys\nsys.stdout.write('x' * (50 * 2**20))", OUTPUT_LIMIT),
+    HostileCase("raw_fd_flood", "import os\nwhile True:\n    os.write(1, b'C' * 65536)", OUTPUT_LIMIT),
+    HostileCase("non_utf8_output", "import sys\nsys.stdout.buffer.write(b'\\xff\\xfe\\x80 abc\\n')", ("ok",),
+                stdout_has="abc"),
+    HostileCase("lone_surrogate_output", "print('\\udcff marker')", ("ok",), stdout_has="marker"),
+    HostileCase("closed_stdout_then_spin", "import os\nos.close(1)\nos.close(2)\nwhile True:\n    pass", TIMEOUT,
+                timeout=1),
+    HostileCase("closed_stdout_then_print", "import os\nos.close(1)\nprint('x' * 10000)", ERROR),
+    # --- files ---
+    HostileCase("huge_file", "with open('/tmp/big', 'wb') as f:\n    while True:\n        f.write(b'0' * 2**20)",
+                ERROR, error_has="File too large", probe=EMPTY_SCRATCH[0], probe_stdout=EMPTY_SCRATCH[1]),
+    HostileCase("fill_tmpfs",
+                "for i in range(100):\n    with open(f'/tmp/f{i}', 'wb') as f:\n        f.write(b'0' * 15 * 2**20)",
+                ERROR, error_has="No space left", probe=EMPTY_SCRATCH[0], probe_stdout=EMPTY_SCRATCH[1]),
+    HostileCase("many_files",
+                "import os\nfor i in range(20000):\n    open(f'/tmp/f{i}', 'w').close()\nprint(len(os.listdir('/tmp')))",
+                ("ok",), stdout_has="20000", probe=EMPTY_SCRATCH[0], probe_stdout=EMPTY_SCRATCH[1]),
+    HostileCase("deep_directories",
+                "import os\nos.chdir('/tmp')\nfor _ in range(1500):\n    os.mkdir('d')\n    os.chdir('d')\n"
+                "open('leaf', 'w').close()", ("ok",), probe=EMPTY_SCRATCH[0], probe_stdout=EMPTY_SCRATCH[1]),
+    HostileCase("locked_directory",
+                "import os\nos.makedirs('/tmp/locked/inner')\nopen('/tmp/locked/inner/f', 'w').close()\n"
+                "os.chmod('/tmp/locked/inner', 0)\nos.chmod('/tmp/locked', 0)", ("ok",),
+                probe=EMPTY_SCRATCH[0], probe_stdout=EMPTY_SCRATCH[1]),
+    HostileCase("write_outside_tmp",
+                "written = []\nfor p in ['/pwned', '/usr/pwned', '/usr/lib/pwned', '/etc/pwned', '/root/pwned', "
+                "'/dev/pwned', '/proc/pwned', '@BAIT_DIR@/pwned', '/opt/mathtir-sandbox/server.py']:\n"
+                "    try:\n        open(p, 'a').write('x')\n        written.append(p)\n    except OSError:\n"
+                "        pass\nprint('written:', written)", ("ok",), stdout_has="written: []"),
+    HostileCase("write_host_bait_dir", "open('@BAIT_DIR@/pwned', 'w').write('x')", ERROR),
+    HostileCase("fd_exhaustion", "files = [open('/dev/null') for _ in range(10**6)]", ERROR,
+                error_has="Too many open files"),
+    # --- secrets ---
+    HostileCase("read_planted_key", "print(open('@KEY_PATH@').read())", ERROR),
+    HostileCase("read_planted_env", "import os\nprint(os.environ.get('@SECRET_ENV@'))\nprint(sorted(os.environ))",
+                ("ok",), stdout_has="None"),
+    HostileCase("scan_proc_environ_and_cmdline",
+                "import os\nfor pid in os.listdir('/proc'):\n    for f in ('environ', 'cmdline'):\n        try:\n"
+                "            print(pid, f, open(f'/proc/{pid}/{f}', 'rb').read())\n        except OSError as e:\n"
+                "            print(pid, f, e)", ("ok",)),
+    HostileCase("read_system_secrets",
+                "readable = []\nfor p in ['/etc/shadow', '/etc/passwd', '/root/.ssh/id_rsa', '/root/.bash_history',"
+                " '/etc/munge/munge.key', '/home']:\n    try:\n        open(p).read()\n        readable.append(p)\n"
+                "    except OSError:\n        pass\nprint('readable:', readable)", ("ok",), stdout_has="readable: []"),
+    HostileCase("see_host_files",
+                "import os\nprint(os.path.exists('@HOST_FILE@'), os.path.exists('/home'))",
+                ("ok",), stdout_has="False False"),
+    # --- network (loopback and TEST-NET only) ---
+    HostileCase("tcp_to_host_loopback",
+                "import socket\nsocket.create_connection(('127.0.0.1', @TCP_PORT@), timeout=1).sendall(b'pwned')",
+                ERROR),
+    HostileCase("udp_to_host_loopback",
+                "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'pwned', "
+                "('127.0.0.1', @UDP_PORT@))", ERROR),
+    HostileCase("tcp_to_testnet", "import socket\nsocket.create_connection(('192.0.2.1', 80), timeout=1)", ERROR),
+    HostileCase("http_to_testnet", "import urllib.request\nurllib.request.urlopen('http://192.0.2.1/', timeout=1)",
+                ERROR),
+    HostileCase("ipv6_loopback", "import socket\ns = socket.socket(socket.AF_INET6)\ns.connect(('::1', @TCP_PORT@))",
+                ERROR),
+    # --- other processes ---
+    HostileCase("kill_parent", "import os\nos.kill(os.getppid(), 9)", ERROR, error_has="PermissionError"),
+    HostileCase("kill_pid_1", "import os\nos.kill(1, 9)", ERROR, error_has="PermissionError"),
+    HostileCase("kill_every_process", "import os\nos.kill(-1, 9)", ERROR, error_has="PermissionError"),
+    HostileCase("kill_own_group", "import os\nos.killpg(0, 9)", KILLED),
+    HostileCase("sigterm_self", "import os, signal\nos.kill(os.getpid(), signal.SIGTERM)", KILLED),
+    HostileCase("abort", "import os\nos.abort()", KILLED),
+    HostileCase("leave_session", "import os\nos.setsid()", ERROR, error_has="PermissionError"),
+    HostileCase("renice_parent", "import os\nos.setpriority(os.PRIO_PROCESS, 1, 19)", ERROR),
+    HostileCase("prlimit_parent", "import resource\nresource.prlimit(1, resource.RLIMIT_NOFILE, (0, 0))", ERROR),
+    HostileCase("raise_own_limits", "import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))", ERROR),
+    HostileCase("ptrace_parent",
+                "import ctypes\nlibc = ctypes.CDLL(None)\nprint('ptrace', libc.ptrace(16, 1, 0, 0))", ("ok",),
+                stdout_has="ptrace -1"),
+    HostileCase("proc_mem_of_parent", "f = open('/proc/1/mem', 'rb')\nf.seek(0x400000)\nprint(f.read(16))", ERROR),
+    HostileCase("namespace_and_mount_calls",
+                "import ctypes\nlibc = ctypes.CDLL(None)\nprint('rc', [libc.unshare(0x10000000), "
+                "libc.unshare(0x00020000), libc.mount(b'none', b'/tmp', b'tmpfs', 0, None), libc.chroot(b'/tmp'), "
+                "libc.setns(0, 0)])", ("ok",), stdout_has="rc [-1, -1, -1, -1, -1]"),
+    HostileCase("write_host_sysctl", "open('/proc/sys/vm/drop_caches', 'w').write('3')", ERROR),
+    HostileCase("sysrq_trigger", "open('/proc/sysrq-trigger', 'w').write('b')", ERROR),
+    HostileCase("ctypes_segfault", "import ctypes\nctypes.string_at(0)", KILLED),
+    # --- stdin ---
+    HostileCase("input_call", "input('? ')", ERROR, error_has="EOFError"),
+    HostileCase("stdin_read", "import sys\nprint(repr(sys.stdin.read()))", ("ok",), stdout_has="''"),
+    # --- state left for the next run ---
+    HostileCase("poison_builtins_and_modules",
+                "import builtins, sympy, math\nbuiltins.LEFT_BEHIND = 1\nsympy.solve = None\nmath.pi = 3",
+                ("ok",), probe="import builtins, sympy, math\nprint(hasattr(builtins, 'LEFT_BEHIND'), "
+                "sympy.solve is None, math.pi)", probe_stdout="False False 3.141592653589793\n"),
+    HostileCase("leave_files_in_tmp_and_shm",
+                "open('/tmp/state', 'w').write('x')\nopen('/dev/shm/state', 'w').write('x')", ("ok",),
+                probe=EMPTY_SCRATCH[0], probe_stdout=EMPTY_SCRATCH[1]),
+    HostileCase("change_cwd_env_umask", "import os\nos.chdir('/')\nos.environ['LEFT'] = '1'\nos.umask(0)", ("ok",),
+                probe="import os\nprint(os.getcwd(), 'LEFT' in os.environ, oct(os.umask(0o22)))",
+                probe_stdout="/tmp False 0o22\n"),
+    HostileCase("keyboard_interrupt", "raise KeyboardInterrupt", ERROR, error_has="KeyboardInterrupt"),
+)
+
+
+@dataclass
+class HostBait:
+    """Things on the host a snippet must not reach: a private key file, an environment variable, a bait
+    directory, TCP and UDP listeners on loopback. Create it BEFORE the pool, so the workers are started
+    from a process that holds the secret."""
+
+    root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="mathtir-bait-")))
+    env_name: str = "MATHTIR_PLANTED_SECRET"
+
+    def __post_init__(self):
+        self.key_secret = "KEY-" + secrets.token_hex(16)
+        self.env_secret = "ENV-" + secrets.token_hex(16)
+        self.key_path = self.root / "id_ed25519"
+        self.key_path.write_text(f"-----BEGIN OPENSSH PRIVATE KEY-----\n{self.key_secret}\n")
+        self.key_path.chmod(0o600)
+        (self.root / "canary.txt").write_text(self.key_secret)
+        self._previous_env = os.environ.get(self.env_name)
+        os.environ[self.env_name] = self.env_secret
+        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.tcp.bind(("127.0.0.1", 0))
+        self.tcp.listen(8)
+        self.tcp.setblocking(False)
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", 0))
+        self.udp.setblocking(False)
+        self._snapshot = self._listing()
+
+    def _listing(self) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in sorted(self.root.iterdir())}
+
+    def fill(self, code: str) -> str:
+        return (code.replace("@KEY_PATH@", str(self.key_path)).replace("@SECRET_ENV@", self.env_name)
+                .replace("@BAIT_DIR@", str(self.root)).replace("@TCP_PORT@", str(self.tcp.getsockname()[1]))
+                .replace("@UDP_PORT@", str(self.udp.getsockname()[1])).replace("@HOST_FILE@", __file__))
+
+    def problems(self, result: ExecResult) -> list[str]:
+        """What the snippet reached on the host (empty when nothing)."""
+        found = []
+        seen = "\n".join([result.stdout, result.stderr, result.error or ""])
+        for label, value in (("planted key", self.key_secret), ("planted env var", self.env_secret)):
+            if value in seen:
+                found.append(f"{label} leaked into the output")
+        if self._listing() != self._snapshot:
+            found.append(f"bait directory {self.root} changed")
+        try:
+            conn, _ = self.tcp.accept()
+            conn.close()
+            found.append("host TCP listener on loopback got a connection")
+        except BlockingIOError:
+            pass
+        try:
+            self.udp.recv(4096)
+            found.append("host UDP socket on loopback got a datagram")
+        except BlockingIOError:
+            pass
+        return found
+
+    def close(self) -> None:
+        self.tcp.close()
+        self.udp.close()
+        if self._previous_env is None:
+            os.environ.pop(self.env_name, None)
+        else:
+            os.environ[self.env_name] = self._previous_env
+        for p in self.root.iterdir():
+            p.unlink()
+        self.root.rmdir()
+
+
+@dataclass
+class CaseReport:
+    case: HostileCase
+    result: ExecResult
+    problems: list[str]
+    seconds: float
+
+    @property
+    def contained(self) -> bool:
+        return not self.problems
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, stack = set(), [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
+
+
+def run_case(worker: Worker, case: HostileCase, bait: HostBait) -> CaseReport:
+    starts, pid = worker.starts, worker.pid
+    processes_before = _descendants(pid)
+    t0 = time.monotonic()
+    result = worker.run(bait.fill(case.code), timeout=case.timeout)
+    seconds = time.monotonic() - t0
+    problems = bait.problems(result)
+    if result.status not in case.expect:
+        problems.append(f"status {result.status!r} (error: {result.error}), expected {'/'.join(case.expect)}")
+    if case.stdout_has is not None and case.stdout_has not in result.stdout:
+        problems.append(f"stdout lacks {case.stdout_has!r}: {result.stdout[:200]!r}")
+    if case.stdout_lacks is not None and case.stdout_lacks in result.stdout:
+        problems.append(f"stdout contains {case.stdout_lacks!r}")
+    if case.error_has is not None and case.error_has not in (result.error or ""):
+        problems.append(f"error {result.error!r} lacks {case.error_has!r}")
+    if worker.starts != starts or worker.pid != pid or not worker.alive:
+        problems.append("the worker died or was restarted")
+    elif _descendants(pid) != processes_before:
+        problems.append("processes leaked in the worker's sandbox")
+    follow = worker.run("print(2+3)", timeout=5)
+    if (follow.status, follow.stdout) != ("ok", "5\n"):
+        problems.append(f"print(2+3) afterwards gave {follow.status} {follow.stdout!r} {follow.error}")
+    if case.probe is not None:
+        probe = worker.run(case.probe, timeout=5)
+        if probe.stdout != case.probe_stdout:
+            problems.append(f"state leaked to the next run: probe printed {probe.stdout!r} "
+                            f"(expected {case.probe_stdout!r}; {probe.error})")
+    if worker.starts != starts:
+        problems.append("the worker was restarted")
+    return CaseReport(case, result, problems, seconds)
+
+
+def run_catalog(workers: list[Worker], bait: HostBait,
+                cases: tuple[HostileCase, ...] = CATALOG) -> list[CaseReport]:
+    """Run the cases spread over the workers (each worker runs its share in order)."""
+    reports: dict[str, CaseReport] = {}
+    lock = threading.Lock()
+
+    def serve(worker_index: int) -> None:
+        for case in cases[worker_index::len(workers)]:
+            report = run_case(workers[worker_index], case, bait)
+            with lock:
+                reports[case.name] = report
+
+    with ThreadPoolExecutor(len(workers)) as executor:
+        list(executor.map(serve, range(len(workers))))
+    return [reports[case.name] for case in cases]

@@ -1,0 +1,685 @@
+"""The fork server: one per sandbox worker, run as a script inside the worker's bwrap sandbox.
+
+    python -S -B server.py CONFIG_JSON
+
+It imports the math stack once, compiles the seccomp filter once, then serves requests read as
+length-prefixed JSON frames on fd 0 and answers on fd 1. Per request it forks a child that isolates
+itself (new session, fds, rlimits, no privileges, seccomp), replays the trajectory's earlier blocks
+silently and runs the new block REPL-style. The server enforces the wall-clock limit by waiting on the
+process (never on pipe EOF), caps output keeping head and tail, kills leftovers and wipes /tmp.
+
+The module top level uses only the standard library: the host imports it for the frame format.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+
+FRAME_HEADER = struct.Struct(">I")
+CELL_FILENAME = "<cell>"
+NOBODY = 65534
+SETUP_FAILED_EXIT = 120  # the child could not isolate itself; it never ran the snippet
+
+# Linux constants (uapi; identical on x86_64, aarch64 and ppc64le).
+PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+PR_SET_SECCOMP = 22
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_SET_CHILD_SUBREAPER = 36
+SECCOMP_MODE_FILTER = 2
+CLONE_THREAD = 0x00010000
+SECCOMP_RET_ALLOW = 0x7FFF0000
+SECCOMP_RET_ERRNO = 0x00050000
+
+
+def encode_frame(message: dict) -> bytes:
+    payload = json.dumps(message).encode()
+    return FRAME_HEADER.pack(len(payload)) + payload
+
+
+def _read_exactly(fd: int, n: int) -> bytes | None:
+    chunks, got = [], 0
+    while got < n:
+        chunk = os.read(fd, n - got)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def read_frame(fd: int) -> dict | None:
+    """Blocking read of one frame; None at EOF (the host went away)."""
+    header = _read_exactly(fd, FRAME_HEADER.size)
+    if header is None:
+        return None
+    payload = _read_exactly(fd, FRAME_HEADER.unpack(header)[0])
+    return None if payload is None else json.loads(payload)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+# ----------------------------------------------------------------------------------------------
+# seccomp: the main filter is compiled once by libseccomp; a tiny per-child filter (built by hand,
+# because it embeds the child's pid) confines signals to the child itself. Filters stack: the
+# kernel applies the most restrictive verdict.
+
+# Denied with EPERM: new processes/programs, network sockets, tracing other processes, mounts and
+# namespaces, leaving the process group, and kernel interfaces a snippet has no business with
+# (io_uring would bypass this filter altogether).
+DENIED_SYSCALLS = (
+    "fork", "vfork", "execve", "execveat",
+    "socket",
+    "ptrace", "process_vm_readv", "process_vm_writev", "kcmp", "pidfd_open", "pidfd_getfd",
+    "pidfd_send_signal", "tkill",
+    "mount", "umount", "umount2", "pivot_root", "chroot", "unshare", "setns", "open_tree",
+    "move_mount", "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr",
+    "setsid", "setpgid",
+    "bpf", "perf_event_open", "userfaultfd", "io_uring_setup", "io_uring_enter", "io_uring_register",
+    "keyctl", "add_key", "request_key", "kexec_load", "kexec_file_load", "init_module",
+    "finit_module", "delete_module", "reboot", "swapon", "swapoff", "acct", "quotactl", "iopl",
+    "ioperm", "settimeofday", "clock_settime", "clock_adjtime", "adjtimex", "syslog",
+    "name_to_handle_at", "open_by_handle_at", "lookup_dcookie",
+)
+# Denied when the first argument names another process (0 = the caller).
+OTHER_PROCESS_SYSCALLS = ("prlimit64", "sched_setaffinity", "sched_setscheduler", "sched_setparam",
+                          "migrate_pages", "move_pages", "ioprio_set")
+# Allowed only when the target (first argument) is the child itself or its own process group.
+SIGNAL_SYSCALLS = ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo")
+
+
+def compile_main_filter() -> bytes:
+    """The libseccomp filter as raw BPF, exported once and loaded by every child with prctl."""
+    import errno
+    import tempfile
+
+    import pyseccomp as seccomp
+
+    filt = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
+    eperm = seccomp.ERRNO(errno.EPERM)
+
+    def add(action, name, *args):
+        if seccomp.resolve_syscall(seccomp.Arch.NATIVE, name) == -1:  # unknown to this libseccomp
+            return
+        filt.add_rule(action, name, *args)
+
+    for name in DENIED_SYSCALLS:
+        add(eperm, name)
+    # Threads are clone(CLONE_THREAD|...); anything else is a new process.
+    add(eperm, "clone", seccomp.Arg(0, seccomp.MASKED_EQ, CLONE_THREAD, 0))
+    # clone3 passes its flags in memory, out of the filter's sight: ENOSYS makes glibc fall back to clone.
+    add(seccomp.ERRNO(errno.ENOSYS), "clone3")
+    for name in OTHER_PROCESS_SYSCALLS:
+        add(eperm, name, seccomp.Arg(0, seccomp.NE, 0))
+    add(eperm, "setpriority", seccomp.Arg(1, seccomp.NE, 0))
+    with tempfile.TemporaryFile() as f:
+        filt.export_bpf(f)
+        f.seek(0)
+        return f.read()
+
+
+def signal_syscall_numbers() -> tuple[int, list[int]]:
+    import pyseccomp as seccomp
+
+    numbers = [seccomp.resolve_syscall(seccomp.Arch.NATIVE, name) for name in SIGNAL_SYSCALLS]
+    return seccomp.system_arch(), [n for n in numbers if n >= 0]
+
+
+def signal_filter(arch: int, numbers: list[int], pid: int) -> bytes:
+    """BPF: signal syscalls may only target `pid` itself or its process group (0 or -pid)."""
+    ld, jeq, ret = 0x20, 0x15, 0x06  # BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|BPF_K
+    arg0_low = 16 if sys.byteorder == "little" else 20  # offsetof(seccomp_data, args[0]), low word
+    n = len(numbers)
+    # Layout: [0] ld arch, [1] jeq arch, [2] ret allow, [3] ld nr, [4..4+n) jeq nr -> check,
+    # [4+n] ret allow, [5+n] ld arg0, [6+n..8+n] jeq targets, [9+n] ret allow, [10+n] ret EPERM.
+    check, allow, deny = 5 + n, 9 + n, 10 + n
+    insns = [(ld, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, SECCOMP_RET_ALLOW), (ld, 0, 0, 0)]
+    for i, nr in enumerate(numbers):
+        here = 4 + i
+        insns.append((jeq, check - here - 1, 0, nr))
+    insns.append((ret, 0, 0, SECCOMP_RET_ALLOW))
+    insns.append((ld, 0, 0, arg0_low))
+    for k, target in enumerate((pid, 0, (-pid) & 0xFFFFFFFF)):
+        here = 6 + n + k
+        last = k == 2
+        insns.append((jeq, allow - here - 1, (deny - here - 1) if last else 0, target))
+    insns.append((ret, 0, 0, SECCOMP_RET_ALLOW))
+    insns.append((ret, 0, 0, SECCOMP_RET_ERRNO | 1))  # EPERM
+    return b"".join(struct.pack("=HBBI", *insn) for insn in insns)
+
+
+# ----------------------------------------------------------------------------------------------
+# The child: isolates itself, replays history silently, runs the new block.
+
+
+class ReplayBlockTimeout(BaseException):
+    """Raised by SIGALRM inside a replayed block that runs longer than the per-block timeout."""
+
+
+def _load_bpf(libc, bpf: bytes) -> None:
+    import ctypes
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    buf = ctypes.create_string_buffer(bpf, len(bpf))
+    prog = SockFprog(len(bpf) // 8, ctypes.addressof(buf))
+    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "loading the seccomp filter failed")
+
+
+def _drop_capabilities(libc) -> None:
+    import ctypes
+
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
+    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable: all empty
+    if libc.capset(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capset failed")
+
+
+def _isolate_child(ctx: dict, limits: dict) -> None:
+    """Everything between fork and the first line of snippet code. Raises if any step fails."""
+    import resource
+    import signal
+
+    libc = ctx["libc"]
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    os.setsid()
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError("PR_SET_PDEATHSIG failed")
+    os.chdir(ctx["workdir"])
+    os.umask(0o022)
+    for res, value in ((resource.RLIMIT_AS, limits["address_space"]),
+                       (resource.RLIMIT_FSIZE, limits["file_size"]),
+                       (resource.RLIMIT_NOFILE, limits["open_files"]),
+                       (resource.RLIMIT_CORE, 0)):
+        resource.setrlimit(res, (value, value))
+    # SIGXCPU at the soft limit, SIGKILL one second later if the snippet ignores it.
+    resource.setrlimit(resource.RLIMIT_CPU, (limits["cpu_seconds"], limits["cpu_seconds"] + 1))
+    _drop_capabilities(libc)
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError("PR_SET_NO_NEW_PRIVS failed")
+    _load_bpf(libc, ctx["main_filter"])
+    arch, numbers = ctx["signal_syscalls"]
+    _load_bpf(libc, signal_filter(arch, numbers, os.getpid()))
+
+
+def _compile_cell(code: str):
+    """(statements, last_expression) code objects; the last bare expression is echoed like a REPL."""
+    import ast
+    import linecache
+
+    linecache.cache[CELL_FILENAME] = (len(code), None, code.splitlines(True), CELL_FILENAME)
+    tree = ast.parse(code, CELL_FILENAME)
+    last = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = compile(ast.Expression(tree.body.pop().value), CELL_FILENAME, "eval")
+    return compile(tree, CELL_FILENAME, "exec"), last
+
+
+def _run_cell(compiled, namespace: dict) -> None:
+    statements, last = compiled
+    exec(statements, namespace)
+    if last is not None:
+        value = eval(last, namespace)
+        if value is not None:
+            print(repr(value))
+
+
+def _print_exception(exc: BaseException) -> str:
+    """Traceback without the server's frames (as `python file.py` would show); returns the last line."""
+    import traceback
+
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename != CELL_FILENAME:
+        tb = tb.tb_next
+    lines = traceback.format_exception(type(exc), exc, tb)
+    if tb is None:  # compile-time error: no cell frame, just the exception (SyntaxError shows the line)
+        lines = traceback.format_exception_only(type(exc), exc)
+    sys.stderr.write("".join(lines))
+    return lines[-1].strip() if lines else type(exc).__name__
+
+
+def _replay(history: list[str], namespace: dict, block_timeout: float) -> None:
+    """Earlier blocks re-run silently: output to /dev/null at the fd level, every exception swallowed."""
+    import signal
+
+    def on_alarm(signum, frame):
+        raise ReplayBlockTimeout
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    signal.signal(signal.SIGALRM, on_alarm)
+    for block in history:
+        try:
+            signal.setitimer(signal.ITIMER_REAL, block_timeout)
+            _run_cell(_compile_cell(block), namespace)
+        except BaseException:  # noqa: B036 — replay must survive anything the block did before
+            pass
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except BaseException:  # noqa: B036
+            pass
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    os.dup2(saved[0], 1)
+    os.dup2(saved[1], 2)
+    os.close(saved[0])
+    os.close(saved[1])
+
+
+def _child_main(ctx: dict, request: dict, limits: dict, fds: tuple[int, int, int]) -> None:
+    import builtins
+    import io
+    import random
+    import threading
+
+    out_w, err_w, status_w = fds
+    os.dup2(ctx["devnull"], 0)
+    os.dup2(out_w, 1)
+    os.dup2(err_w, 2)
+    os.dup2(status_w, 3)
+    os.closerange(4, limits["max_fd"])
+    status = io.FileIO(3, "w", closefd=False)
+
+    def report(**event) -> None:
+        try:
+            status.write((json.dumps(event) + "\n").encode())
+        except BaseException:  # noqa: B036 — the snippet may have closed fd 3
+            pass
+
+    try:
+        _isolate_child(ctx, limits)
+    except BaseException as exc:  # noqa: B036
+        report(event="setup_failed", error=f"{type(exc).__name__}: {exc}")
+        os._exit(SETUP_FAILED_EXIT)
+
+    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8",
+                                  errors="backslashreplace", line_buffering=True)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
+                                  errors="backslashreplace", line_buffering=True)
+    sys.argv = [""]
+    random.seed(ctx["seed"])
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed(ctx["seed"])
+
+    namespace = {"__name__": "__main__", "__builtins__": builtins}
+    exit_code = 0
+    try:
+        compiled = _compile_cell(request["code"])
+        if request["history"]:
+            _replay(request["history"], namespace, request["timeout"])
+            report(event="replayed")
+        _run_cell(compiled, namespace)
+    except SystemExit as exc:
+        code = exc.code
+        exit_code = code if isinstance(code, int) else (0 if code is None else 1)
+        if code is not None and not isinstance(code, int):
+            print(code, file=sys.stderr)
+        if exit_code:
+            report(event="error", error=f"SystemExit: {code}")
+    except BaseException as exc:  # noqa: B036 — KeyboardInterrupt, MemoryError... all are results
+        try:
+            report(event="error", error=_print_exception(exc))
+        except BaseException:  # noqa: B036 — e.g. stderr closed by the snippet
+            report(event="error", error=type(exc).__name__)
+        exit_code = 1
+    try:
+        for thread in threading.enumerate():  # like interpreter shutdown: wait for non-daemon threads
+            if thread is not threading.main_thread() and not thread.daemon:
+                thread.join()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:  # noqa: B036
+        pass
+    os._exit(exit_code & 0xFF)
+
+
+# ----------------------------------------------------------------------------------------------
+# The server side of one execution.
+
+
+class StreamCapture:
+    """Keeps the first and last `keep // 2` bytes of a stream and counts what falls in between."""
+
+    def __init__(self, keep: int):
+        self.half = max(keep // 2, 1)
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.total = 0
+
+    def feed(self, data: bytes) -> None:
+        self.total += len(data)
+        room = self.half - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+            data = data[room:]
+        if data:
+            self.tail += data
+            if len(self.tail) > self.half:
+                del self.tail[: len(self.tail) - self.half]
+
+    @property
+    def dropped(self) -> int:
+        return self.total - len(self.head) - len(self.tail)
+
+    def text(self) -> str:
+        head = self.head.decode("utf-8", "replace")
+        tail = self.tail.decode("utf-8", "replace")
+        if self.dropped:
+            return f"{head}\n[... {self.dropped} bytes dropped ...]\n{tail}"
+        return head + tail
+
+
+def _kill_child(pid: int) -> None:
+    import signal
+
+    for kill in (os.killpg, os.kill):
+        try:
+            kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _kill_leftovers(ctx: dict) -> None:
+    """Kill and reap anything still alive. In the sandbox's pid namespace every pid but bwrap's init (1) and
+    ours is a leftover."""
+    import signal
+
+    if ctx["own_pid_namespace"]:
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and int(entry) not in (1, os.getpid()):
+                try:
+                    os.kill(int(entry), signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+    while True:  # we are the child subreaper: every orphan is ours to reap
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _wipe(path: str) -> bool:
+    """Empty a scratch directory, undoing permission tricks; False if anything survived.
+
+    Iterative, because a snippet can nest directories deeper than Python's recursion limit.
+    """
+    import stat
+
+    try:
+        pending = [entry.path for entry in os.scandir(path)]
+        empty_dirs = []
+        while pending:
+            p = pending.pop()
+            if stat.S_ISDIR(os.lstat(p).st_mode):
+                os.chmod(p, stat.S_IRWXU)
+                pending.extend(entry.path for entry in os.scandir(p))
+                empty_dirs.append(p)
+            else:
+                os.unlink(p)
+        for p in reversed(empty_dirs):  # children were appended after their parents
+            os.rmdir(p)
+        return not os.listdir(path)
+    except OSError:
+        return False
+
+
+def execute(ctx: dict, request: dict) -> dict:
+    import math
+    import select
+    import signal
+    import time
+
+    timeout = float(request["timeout"])
+    margin = float(request["replay_margin"]) if request["history"] else 0.0
+    limits = {
+        "address_space": ctx["address_space"],
+        "file_size": ctx["file_size"],
+        "open_files": ctx["open_files"],
+        "cpu_seconds": math.ceil(timeout + margin) + 1,
+        "max_fd": ctx["max_fd"],
+    }
+    keep, max_output = ctx["keep_output_bytes"], ctx["max_output_bytes"]
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    status_r, status_w = os.pipe2(os.O_CLOEXEC)
+
+    start = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _child_main(ctx, request, limits, (out_w, err_w, status_w))
+        except BaseException as exc:  # noqa: B036 — a bug here must not take the server's place
+            os.write(status_w, (json.dumps({"event": "setup_failed", "error": repr(exc)}) + "\n").encode())
+        finally:
+            os._exit(SETUP_FAILED_EXIT)
+    for fd in (out_w, err_w, status_w):
+        os.close(fd)
+
+    # Replay time is free up to the margin; beyond it, it eats into the new block's budget.
+    hard_deadline = start + timeout + margin
+    deadline = hard_deadline
+    captures = {out_r: StreamCapture(keep), err_r: StreamCapture(keep)}
+    status_buf = bytearray()
+    events: list[dict] = []
+    replay_ms = None
+    verdict = None  # "timeout" | "output_limit" when the server killed the child
+    poller = select.poll()
+    for fd in (out_r, err_r, status_r, ctx["wakeup_r"]):
+        os.set_blocking(fd, False)
+        poller.register(fd, select.POLLIN)
+    open_fds = {out_r, err_r, status_r}
+    exited = None
+
+    def read_available(fd: int) -> None:
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                return
+            if not data:
+                poller.unregister(fd)
+                open_fds.discard(fd)
+                return
+            if fd == status_r:
+                if len(status_buf) < 65536:
+                    status_buf.extend(data)
+            else:
+                captures[fd].feed(data)
+                if verdict is None and captures[out_r].total + captures[err_r].total > max_output:
+                    return
+
+    def parse_status() -> None:
+        nonlocal replay_ms, deadline
+        while b"\n" in status_buf:
+            line, _, rest = bytes(status_buf).partition(b"\n")
+            status_buf[:] = rest
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(event, dict):
+                continue
+            if event.get("event") == "replayed" and replay_ms is None:
+                now = time.monotonic()
+                replay_ms = (now - start) * 1000
+                deadline = min(now + timeout, hard_deadline)
+            events.append(event)
+
+    while exited is None:
+        for fd, _ in poller.poll(max(deadline - time.monotonic(), 0) * 1000):
+            if fd == ctx["wakeup_r"]:
+                try:
+                    os.read(fd, 4096)
+                except BlockingIOError:
+                    pass
+            else:
+                read_available(fd)
+        parse_status()
+        got, wait_status, rusage = os.wait4(pid, os.WNOHANG)
+        if got == pid:
+            exited = (wait_status, rusage)
+        elif captures[out_r].total + captures[err_r].total > max_output:
+            verdict = "output_limit"
+            break
+        elif time.monotonic() >= deadline:
+            verdict = "timeout"
+            break
+    wall_ms = (time.monotonic() - start) * 1000
+    if exited is None:
+        _kill_child(pid)
+        _, wait_status, rusage = os.wait4(pid, 0)
+        exited = (wait_status, rusage)
+    # The child is gone (no fork allowed, so nothing else holds the pipes): take what is buffered.
+    for fd in list(open_fds):
+        if verdict == "output_limit" and fd != status_r:
+            continue
+        read_available(fd)
+    parse_status()
+    for fd in (out_r, err_r, status_r):
+        os.close(fd)
+    _kill_leftovers(ctx)
+    clean = all(_wipe(d) for d in ctx["scratch_dirs"])
+
+    wait_status, rusage = exited
+    out, err = captures[out_r], captures[err_r]
+    result = {
+        "stdout": out.text(), "stderr": err.text(),
+        "stdout_dropped": out.dropped, "stderr_dropped": err.dropped,
+        "truncated": bool(out.dropped or err.dropped or verdict == "output_limit"),
+        "wall_ms": wall_ms, "replay_ms": replay_ms,
+        "exit_code": None, "signal": None, "error": None,
+        "recycle": not clean,
+    }
+    error_events = [e for e in events if e.get("event") in ("error", "setup_failed")]
+    cpu_seconds = rusage.ru_utime + rusage.ru_stime
+    if os.WIFSIGNALED(wait_status):
+        result["signal"] = os.WTERMSIG(wait_status)
+    else:
+        result["exit_code"] = os.WEXITSTATUS(wait_status)
+    if verdict == "timeout":
+        phase = " while replaying earlier blocks" if request["history"] and replay_ms is None else ""
+        result.update(status="timeout", error=f"Timeout: exceeded the {timeout:g} s time limit{phase}")
+    elif verdict == "output_limit":
+        result.update(status="output_limit",
+                      error=f"Output limit: more than {max_output} bytes written; execution stopped")
+    elif result["signal"] is not None:
+        sig = result["signal"]
+        if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu_seconds >= limits["cpu_seconds"]):
+            result.update(status="timeout", error=f"Timeout: exceeded the {limits['cpu_seconds']} s CPU limit")
+        else:
+            result.update(status="killed", error=f"Killed by signal {signal.Signals(sig).name}")
+    elif result["exit_code"] == SETUP_FAILED_EXIT and any(e.get("event") == "setup_failed" for e in error_events):
+        result.update(status="internal_error", error="sandbox child setup failed: " + error_events[-1]["error"],
+                      recycle=True)
+    elif result["exit_code"] == 0:
+        result["status"] = "ok"
+    else:
+        message = error_events[-1].get("error") if error_events else None
+        result.update(status="error", error=str(message or f"Exited with code {result['exit_code']}"))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _drop_privileges(libc, uid: int) -> None:
+    for cap in range(64):  # empty the bounding set while we may (needs CAP_SETPCAP; else a no-op)
+        libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    _drop_capabilities(libc)
+
+
+def main() -> None:
+    import ctypes
+    import gc
+    import importlib
+    import resource
+    import signal
+    import site
+
+    config = json.loads(sys.argv[1])
+    proto_in, proto_out = os.dup(0), os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(2, 1)  # stray prints (warnings, library chatter) must not corrupt the protocol
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if config["host_pid"] and os.getppid() != config["host_pid"]:
+        sys.exit("mathtir sandbox: the host process is gone")
+    for path in config["site_dirs"]:
+        site.addsitedir(path)
+    for name in config["preload"]:
+        importlib.import_module(name)
+    if "sympy" in sys.modules:  # pull in sympy's lazily imported solver machinery once, here
+        sympy = sys.modules["sympy"]
+        x = sympy.Symbol("x")
+        sympy.solve(x**2 - 2 * x - 3, x)
+        sympy.simplify(sympy.sin(x) ** 2 + sympy.cos(x) ** 2)
+    main_filter = compile_main_filter()
+    signal_syscalls = signal_syscall_numbers()
+
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    if config["drop_to_uid"] is not None:
+        _drop_privileges(libc, config["drop_to_uid"])
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # a credential change cleared it
+    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # children cannot read our memory via /proc/<pid>/mem
+
+    # SIGCHLD wakes the poll loop the moment a child exits (no pidfd needed: works on old kernels).
+    wakeup_r, wakeup_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    signal.set_wakeup_fd(wakeup_w, warn_on_full_buffer=False)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+
+    with open("/proc/self/statm") as f:
+        vm_bytes = int(f.read().split()[0]) * resource.getpagesize()
+    ctx = {
+        "libc": libc,
+        "devnull": devnull,
+        "wakeup_r": wakeup_r,
+        "main_filter": main_filter,
+        "signal_syscalls": signal_syscalls,
+        "workdir": config["workdir"],
+        "scratch_dirs": config["scratch_dirs"],
+        "own_pid_namespace": config["own_pid_namespace"],
+        "address_space": vm_bytes + config["memory_mb"] * 2**20,
+        "file_size": config["file_size_mb"] * 2**20,
+        "open_files": config["max_open_files"],
+        "keep_output_bytes": config["keep_output_bytes"],
+        "max_output_bytes": config["max_output_bytes"],
+        "max_fd": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        "seed": config["seed"],
+    }
+    gc.freeze()  # objects imported so far stay shared with every forked child instead of being copied
+    write_all(proto_out, encode_frame({"ready": True, "pid": os.getpid(), "vm_bytes": vm_bytes}))
+    while True:
+        request = read_frame(proto_in)
+        if request is None:
+            return
+        result = execute(ctx, request)
+        write_all(proto_out, encode_frame(result))
+
+
+if __name__ == "__main__":
+    main()
