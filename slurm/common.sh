@@ -76,7 +76,7 @@ mathtir_launch() {
   mkdir -p "$MATHTIR_ROOT/runs/.slurm"
   MATHTIR_STOP_FILE="$MATHTIR_ROOT/runs/.slurm/stop-$SLURM_JOB_ID"  # on the shared filesystem rank 0 sees
   rm -f "$MATHTIR_STOP_FILE" "$MATHTIR_STOP_FILE.saved"
-  echo "mathtir: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NUM_NODES node(s)," \
+  echo "mathtir: $(date -u +%FT%TZ) job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NUM_NODES node(s)," \
        "$nproc rank(s) per node, master $MASTER_ADDR:$MASTER_PORT"
 
   local -a srun_args exec_prefix
@@ -98,7 +98,7 @@ mathtir_launch() {
   done
   trap - USR1
   if [ -e "$MATHTIR_STOP_FILE.saved" ]; then
-    echo "mathtir: checkpoint saved ($(cat "$MATHTIR_STOP_FILE.saved")); requeueing job $SLURM_JOB_ID"
+    echo "mathtir: $(date -u +%FT%TZ) checkpoint saved ($(cat "$MATHTIR_STOP_FILE.saved")); requeueing job $SLURM_JOB_ID"
     rm -f "$MATHTIR_STOP_FILE" "$MATHTIR_STOP_FILE.saved"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0

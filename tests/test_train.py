@@ -106,7 +106,8 @@ def smollm2_init(tmp_path_factory, smollm2_hf_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_shards(tmp_path_factory, smollm2_hf_dir) -> Path:
-    """Short English arithmetic Q/A in SmolLM2's chat template; only the answers (and eos) are trained on."""
+    """Short English arithmetic Q/A (no chat template: its system prompt would triple the tokens); only the
+    answers (and eos) are trained on."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smollm2_hf_dir)
@@ -114,14 +115,13 @@ def smollm2_shards(tmp_path_factory, smollm2_hf_dir) -> Path:
     docs = []
     for _ in range(48):
         a, b = (int(x) for x in rng.integers(10, 99, 2))
-        prompt = tok.apply_chat_template([{"role": "user", "content": f"What is {a} plus {b}?"}],
-                                         tokenize=False, add_generation_prompt=True)
+        prompt = f"Question: What is {a} plus {b}?\nAnswer: "
         answer = f"{a} plus {b} is {a + b}. The answer is \\boxed{{{a + b}}}.{tok.eos_token}"
         p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
         a_ids = tok(answer, add_special_tokens=False)["input_ids"]
         docs.append((np.array(p_ids + a_ids, dtype=np.int32),
                      np.array([0] * len(p_ids) + [1] * len(a_ids), dtype=np.int8)))
-    return write_packed_shards(tmp_path_factory.getbasetemp() / "smollm2_shards", docs, seq_length=128,
+    return write_packed_shards(tmp_path_factory.getbasetemp() / "smollm2_shards", docs, seq_length=64,
                                pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
 
 
@@ -142,9 +142,12 @@ def runs(tmp_path_factory, tiny_init, tiny_shards, smollm2_init, smollm2_shards)
               "model.global_batch_size=4", "model.micro_batch_size=1", "checkpoint.save_every_n_steps=0"]
     plan = {name: [str(SMOKE), *common, *extra, f"checkpoint.dir={work / name}"] for name, extra in LAYOUTS.items()}
     plan["smollm2"] = [str(REPO / "nemo_configs" / "smollm2_smoke.yaml"), f"model.init_from={smollm2_init}",
-                       f"data.train_dir={smollm2_shards}", "trainer.max_epochs=10", f"checkpoint.dir={work / 'smol'}"]
+                       f"data.train_dir={smollm2_shards}", "data.seq_length=64", "trainer.max_epochs=10",
+                       "trainer.max_steps=4", "model.global_batch_size=2",
+                       f"checkpoint.dir={work / 'smol'}"]
     (work / "plan.json").write_text(json.dumps(plan))
     res = torchrun([__file__, "run-plan", str(work / "plan.json")])
+    (work / "launch.log").write_text(res.stdout + res.stderr)
     assert res.returncode == 0, res.stderr[-5000:]
     runs, current = {}, None
     for line in res.stdout.splitlines():
@@ -177,11 +180,11 @@ def test_tp_dp_pp_layouts_give_the_same_losses(runs):
 def test_smollm2_finetuning_lowers_the_loss(runs):
     records = runs["smollm2"]
     losses = [r["loss"] for r in records]
-    assert len(losses) == 6, records
-    # Step 1 runs at lr 0 (warmup starts at 0), so it measures the imported model; later steps must be
-    # clearly lower on this small, repetitive task.
-    assert 0.5 < losses[0] < 5.0  # real pretrained weights: far below ln(vocab) = 10.8
-    assert max(losses[-2:]) < 0.8 * losses[0], losses
+    assert len(losses) == 4, records
+    # Step 1 runs at lr 0 (warmup starts at 0), so it measures the imported model; three steps later the
+    # loss on this small, repetitive task must be clearly lower.
+    assert 0.3 < losses[0] < 5.0, losses  # real pretrained weights: far below ln(vocab) = 10.8
+    assert losses[-1] < 0.7 * losses[0], losses
 
 
 def test_config_errors_are_reported_before_any_work(tmp_path, tiny_init, tiny_shards):
@@ -191,11 +194,16 @@ def test_config_errors_are_reported_before_any_work(tmp_path, tiny_init, tiny_sh
                          cwd=REPO, env={**os.environ, **LAUNCH_ENV}, capture_output=True, text=True, timeout=60)
     assert res.returncode == 2
     assert "unknown key 'optim.sched.warmup_step'" in res.stderr and "Traceback" not in res.stderr
-    res = torchrun(["-m", "mathtir.train", str(REPO / "nemo_configs" / "smollm2_smoke.yaml"),
-                    f"model.init_from={tiny_init}", f"data.train_dir={tiny_shards}", "data.seq_length=256",
-                    f"checkpoint.dir={tmp_path / 'x'}"])
-    assert res.returncode != 0
+    res = subprocess.run([PYTHON, "-m", "mathtir.train", str(REPO / "nemo_configs" / "smollm2_smoke.yaml"),
+                          f"model.init_from={tiny_init}", f"data.train_dir={tiny_shards}", "data.seq_length=256",
+                          f"checkpoint.dir={tmp_path / 'x'}"], cwd=REPO, env={**os.environ, **LAUNCH_ENV},
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
     assert f"data.seq_length=256 but {tiny_shards} is packed to 128 tokens" in res.stderr
+    res = subprocess.run([PYTHON, "-m", "mathtir.train", str(SMOKE), f"model.init_from={tmp_path / 'none'}",
+                          f"data.train_dir={tiny_shards}"], cwd=REPO, env={**os.environ, **LAUNCH_ENV},
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and f"model.init_from: {tmp_path / 'none'} has no checkpoint" in res.stderr
 
 
 # ---------------------------------------------------------------------------- driver (run under torchrun)
