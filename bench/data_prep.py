@@ -5,7 +5,7 @@
 1. tokens/s of the whole `prepare` step (read -> filters + answer check -> decontamination -> tokenize ->
    dedup -> pack -> write shards + manifest; no execution verification) against the raw batched fast-tokenizer
    throughput (`encode_batch`, all cores) on the same rendered texts. Target >= 0.7x.
-2. packing fill (non-pad fraction) at 4096 tokens: best-fit decreasing (what prepare does) against first-fit
+2. packing fill (non-pad fraction) at 4096 tokens: minimum bin slack (what prepare does) against first-fit
    in input order, on the same document lengths. Target >= 99%.
 3. sandbox verifications/s: TIR samples (1-2 code blocks each) re-executed and compared by mathtir.data.verify.
 
@@ -154,7 +154,7 @@ def main() -> None:
     print(f"raw batched fast tokenizer : {raw_tps:12,.0f} tokens/s ({raw_s:.1f} s)")
     print(f"prepare (whole step)       : {prep_tps:12,.0f} tokens/s ({prep_s:.1f} s, {kept} documents packed)")
     print(f"  ratio prepare / raw      : {prep_tps / raw_tps:.2f}x   (target >= 0.7x)")
-    print(f"packing fill at 4096       : best-fit decreasing {100 * manifest['tokens']['fill']:.2f}% "
+    print(f"packing fill at 4096       : minimum bin slack {100 * manifest['tokens']['fill']:.2f}% "
           f"({manifest['tokens']['sequences']} sequences) vs first-fit in order {100 * ff_fill:.2f}% ({ff_bins})"
           f"   (target >= 99%)")
     try:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mathtir.data.loader import FORMAT_VERSION, PackedDataset, block_causal_mask, collate, epoch_order
-from mathtir.data.pack import pack_best_fit_decreasing, packed_row, write_shards
+from mathtir.data.pack import pack_minimum_slack, packed_row, write_shards
 
 PAD = 0
 
@@ -29,7 +29,7 @@ def _documents(n: int, seed: int, max_len: int) -> list[tuple[np.ndarray, np.nda
 
 
 def _write(tmp_path, docs, seq_length, rows_per_shard=3, row_group_size=2):
-    bins = pack_best_fit_decreasing([len(d[0]) for d in docs], seq_length)
+    bins = pack_minimum_slack([len(d[0]) for d in docs], seq_length)
     rows = [packed_row([docs[i] for i in b], seq_length, PAD) for b in bins]
     shards = write_shards(tmp_path, rows, rows_per_shard=rows_per_shard, row_group_size=row_group_size)
     (tmp_path / "manifest.json").write_text(json.dumps({
@@ -38,17 +38,17 @@ def _write(tmp_path, docs, seq_length, rows_per_shard=3, row_group_size=2):
     return bins, shards
 
 
-def test_best_fit_decreasing_keeps_every_document_once_and_fills_bins():
+def test_minimum_slack_packing_keeps_every_document_once_and_fills_bins():
     rng = random.Random(0)
     lengths = [rng.randint(1, 400) for _ in range(3000)]
-    bins = pack_best_fit_decreasing(lengths, 512)
+    bins = pack_minimum_slack(lengths, 512)
     placed = sorted(i for b in bins for i in b)
     assert placed == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in b) <= 512 for b in bins)
     fill = sum(lengths) / (512 * len(bins))
     assert fill > 0.98, fill
     with pytest.raises(ValueError, match="document 1 has 600 tokens"):
-        pack_best_fit_decreasing([10, 600], 512)
+        pack_minimum_slack([10, 600], 512)
 
 
 def test_loader_rows_keep_tokens_and_align_loss_mask_with_shifted_labels(tmp_path):

@@ -10,7 +10,7 @@ Two phases, so that a Slurm array job can run the first one in parallel:
    record to ``part_I-of-N.dropped.jsonl`` and the counts to ``part_I-of-N.json`` (written last: its presence
    marks the part done, so a rerun skips it).
 2. ``merge(cfg, num_parts)`` puts all documents back in input order (so the result does not depend on
-   num_parts), removes exact and near duplicates, packs (best-fit decreasing), writes the shards, the
+   num_parts), removes exact and near duplicates, packs (minimum bin slack), writes the shards, the
    manifest, ``dropped.jsonl`` and ``report.md``.
 
 Every record read is accounted for: the manifest's counts add up to the records read, and the merge checks it.
@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from mathtir.data.clean import DecontaminationIndex, MinHasher, NearDuplicateIndex, exact_key
 from mathtir.data.config import fingerprint
 from mathtir.data.loader import FORMAT_VERSION
-from mathtir.data.pack import pack_best_fit_decreasing, packed_row, write_shards
+from mathtir.data.pack import pack_minimum_slack, packed_row, write_shards
 from mathtir.data.readers import (
     DataError,
     FieldMap,
@@ -551,8 +551,8 @@ def merge(cfg: DictConfig, num_parts: int = 1) -> dict:
         counts[drop.reason] += 1
 
     lengths = [len(store.document(refs[i])[0]) for i in kept]
-    bins = pack_best_fit_decreasing(lengths, cfg.seq_length) if kept else []
-    # Shuffle whole sequences (seeded): best-fit decreasing puts the longest documents first.
+    bins = pack_minimum_slack(lengths, cfg.seq_length) if kept else []
+    # Shuffle whole sequences (seeded): packing puts the longest documents first.
     bins = [bins[j] for j in np.random.Generator(np.random.PCG64(cfg.seed)).permutation(len(bins))]
     rows = (packed_row([store.document(refs[kept[d]]) for d in b], cfg.seq_length, identity["pad_id"]) for b in bins)
     shards = write_shards(out, rows, rows_per_shard=cfg.pack.rows_per_shard, row_group_size=cfg.pack.row_group_size)
