@@ -144,6 +144,14 @@ def train(cfg: DictConfig) -> int:
         start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=steps_in_epochs, wd_incr_style="constant")
 
     # ---------------------------------------------------------------- load weights (and state when resuming)
+    layout = [tp, pp, dp]
+    resumed_layout = None
+    if init_root == run_root:
+        from megatron.core.dist_checkpointing import load_common_state_dict
+
+        common = load_common_state_dict(str(checkpoint.iteration_dir(run_root, resume_iteration)))
+        resumed_layout = common["data"]["layout"]
+
     @cpu_compat.cuda_on_cpu()  # the distributed optimizer gathers its state through CUDA buffers
     def checkpoint_state(loading: bool) -> dict:
         model_state = checkpoint.model_sharded_state_dict(chunks)
@@ -153,7 +161,9 @@ def train(cfg: DictConfig) -> int:
         # fully_reshardable: the optimizer state can be loaded at another TP/PP (dp_reshardable cannot)
         state["optimizer"] = optimizer.sharded_state_dict(
             model_state, is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
-        state["rng"] = _sharded_rng_state(mpu, tensor_parallel, dp_group)
+        # Per-rank RNG streams only mean something for the layout that wrote them.
+        if not loading or resumed_layout == layout:
+            state["rng"] = _sharded_rng_state(mpu, tensor_parallel, dp_group)
         return state
 
     start_step = 0
@@ -165,11 +175,15 @@ def train(cfg: DictConfig) -> int:
         optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["scheduler"])
         start_step = int(loaded["data"]["step"])
-        if loaded["data"]["global_batch_size"] != global_batch or loaded["data"]["seed"] != cfg.trainer.seed:
-            raise ConfigError(f"{run_root}: checkpoint was written with global batch "
-                              f"{loaded['data']['global_batch_size']} / seed {loaded['data']['seed']}; resuming "
-                              "exactly needs the same values (or set checkpoint.resume=false and a new dir)")
-        _restore_rng(loaded["rng"], dp_rank, tensor_parallel, log)
+        saved = {k: loaded["data"][k] for k in ("global_batch_size", "seed", "num_sequences")}
+        if saved != {"global_batch_size": global_batch, "seed": cfg.trainer.seed, "num_sequences": len(dataset)}:
+            raise ConfigError(f"{run_root}: checkpoint was written with {saved}; resuming exactly needs the same "
+                              "global batch, seed and data (or set checkpoint.resume=false and a new dir)")
+        if "rng" in loaded:
+            _restore_rng(loaded["rng"], dp_rank, tensor_parallel)
+        else:
+            log(f"mathtir.train: checkpoint layout TP/PP/DP={resumed_layout}, now {layout}: weights, optimizer and "
+                "data position resharded; RNG streams reseeded (they are per rank)")
         log(f"mathtir.train: resumed {run_root} at step {start_step}")
     else:
         log(f"mathtir.train: initialised from {init_root} (iteration {checkpoint.latest_iteration(init_root)})")
@@ -179,7 +193,7 @@ def train(cfg: DictConfig) -> int:
         state = checkpoint_state(loading=False)
         state["scheduler"] = scheduler.state_dict()
         state["data"] = {"step": step, "consumed_samples": step * global_batch, "global_batch_size": global_batch,
-                         "seed": cfg.trainer.seed, "num_sequences": len(dataset)}
+                         "seed": cfg.trainer.seed, "num_sequences": len(dataset), "layout": layout}
         state["args"] = OmegaConf.to_container(cfg, resolve=True)
         checkpoint.save(run_root, step, state, spec=spec, tokenizer_src=init_root)
         log(f"mathtir.train: saved {run_root} iteration {step}")
@@ -368,10 +382,7 @@ def _sharded_rng_state(mpu, tensor_parallel, dp_group):
                          (pp_rank, tp_rank), replica_id=mpu.get_data_parallel_rank())
 
 
-def _restore_rng(per_dp_rank: list[dict], dp_rank: int, tensor_parallel, log) -> None:
-    if dp_rank >= len(per_dp_rank):
-        log("mathtir.train: data-parallel size changed since the checkpoint; RNG streams are reseeded, not restored")
-        return
+def _restore_rng(per_dp_rank: list[dict], dp_rank: int, tensor_parallel) -> None:
     state = per_dp_rank[dp_rank]
     random.setstate(state["random"])
     np.random.set_state(state["numpy"])

@@ -28,9 +28,9 @@ def write_packed_shards(out: Path, documents: list[tuple[np.ndarray, np.ndarray]
                         pad_id: int) -> Path:
     """Packed shards in the data contract's format, from (token ids, trained flags) documents."""
     from mathtir.data.loader import FORMAT_VERSION
-    from mathtir.data.pack import pack_best_fit_decreasing, packed_row, write_shards
+    from mathtir.data.pack import pack_minimum_slack, packed_row, write_shards
 
-    bins = pack_best_fit_decreasing([len(ids) for ids, _ in documents], seq_length)
+    bins = pack_minimum_slack([len(ids) for ids, _ in documents], seq_length)
     rows = [packed_row([documents[i] for i in b], seq_length, pad_id) for b in bins]
     shards = write_shards(out, rows, rows_per_shard=16, row_group_size=4)
     (out / "manifest.json").write_text(json.dumps({
@@ -141,6 +141,9 @@ def runs(tmp_path_factory, tiny_init, tiny_shards, smollm2_init, smollm2_shards)
     common = [f"model.init_from={tiny_init}", f"data.train_dir={tiny_shards}", "trainer.max_steps=4",
               "model.global_batch_size=4", "model.micro_batch_size=1", "checkpoint.save_every_n_steps=0"]
     plan = {name: [str(SMOKE), *common, *extra, f"checkpoint.dir={work / name}"] for name, extra in LAYOUTS.items()}
+    # The TP=2 run's final checkpoint resumed at PP=2 for two more steps, against TP=2 running 6 steps straight.
+    plan["tp2_6_steps"] = [*plan["tp2"], "trainer.max_steps=6", f"checkpoint.dir={work / 'tp2_6_steps'}"]
+    plan["tp2_resumed_at_pp2"] = [*plan["pp2"], "trainer.max_steps=6", f"checkpoint.dir={work / 'tp2'}"]
     plan["smollm2"] = [str(REPO / "nemo_configs" / "smollm2_smoke.yaml"), f"model.init_from={smollm2_init}",
                        f"data.train_dir={smollm2_shards}", "data.seq_length=64", "trainer.max_epochs=10",
                        "trainer.max_steps=4", "model.global_batch_size=2",
@@ -149,7 +152,7 @@ def runs(tmp_path_factory, tiny_init, tiny_shards, smollm2_init, smollm2_shards)
     res = torchrun([__file__, "run-plan", str(work / "plan.json")])
     (work / "launch.log").write_text(res.stdout + res.stderr)
     assert res.returncode == 0, res.stderr[-5000:]
-    runs, current = {}, None
+    runs, current = {"dirs": str(work)}, None
     for line in res.stdout.splitlines():
         if line.startswith("RUN "):
             current = line.split()[1]
@@ -161,6 +164,9 @@ def runs(tmp_path_factory, tiny_init, tiny_shards, smollm2_init, smollm2_shards)
 
 def test_tp_dp_pp_layouts_give_the_same_losses(runs):
     layout_runs = {name: runs[name] for name in LAYOUTS}
+    # max_steps only stops early: the first 4 steps of a 6-step run are the 4-step run's (same LR schedule)
+    np.testing.assert_allclose([r["loss"] for r in runs["tp2_6_steps"][:4]], [r["loss"] for r in runs["tp2"]],
+                               rtol=0, atol=1e-6)
     losses = {name: [r["loss"] for r in records] for name, records in layout_runs.items()}
     assert all(len(v) == 4 for v in losses.values()), losses
     for name in ("dp2", "pp2"):
@@ -175,6 +181,15 @@ def test_tp_dp_pp_layouts_give_the_same_losses(runs):
     # Linear warmup over 2 steps from 0, then cosine decay.
     lrs = [r["lr"] for r in layout_runs["tp2"]]
     assert lrs[0] == 0.0 and lrs[1] == pytest.approx(5e-4) and lrs[2] == pytest.approx(1e-3) and lrs[3] < lrs[2]
+
+
+def test_checkpoint_resumes_at_another_layout(runs):
+    """torch_dist + fully_reshardable optimizer state: a TP=2 checkpoint continues at PP=2 as TP=2 would."""
+    resumed, straight = runs["tp2_resumed_at_pp2"], runs["tp2_6_steps"]
+    assert [r["step"] for r in resumed] == [5, 6]
+    np.testing.assert_allclose([r["loss"] for r in resumed], [r["loss"] for r in straight[4:]], rtol=0, atol=1e-4)
+    np.testing.assert_allclose([r["lr"] for r in resumed], [r["lr"] for r in straight[4:]], rtol=1e-12)
+    assert list((Path(runs["dirs"]) / "tp2" / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_smollm2_finetuning_lowers_the_loss(runs):
