@@ -10,8 +10,9 @@ shared/notes/megatron-on-cpu.md, each confirmed necessary by removing it). On CP
   checks to the CPU. It is thread-local and makes `Tensor.type()` report CUDA types, so it is entered only
   around the calls that need it: optimizer construction and `step()`, the pipeline schedule call,
   checkpoint save/load and model construction with tied embeddings across pipeline stages.
-* `fix_distributed_optimizer_state(optimizer)` makes distributed-optimizer checkpoints of the torch AdamW
-  fallback (no Apex/TE) resume exactly (it is not a CPU issue, so it applies everywhere).
+* `fix_torch_adam_checkpoints()` makes DistributedOptimizer checkpoints of the torch Adam/AdamW fallback
+  (no Apex/TE) resume exactly. It is not a CPU issue: `activate()` installs it, and a GPU job without
+  Apex/TE must call it itself (a no-op when Apex/TE is present).
 
 The layer patches private megatron-core internals, so it is pinned to the version it was written and
 tested against and refuses to run on another one. Nothing here is active when CUDA is available.
@@ -43,6 +44,7 @@ def activate() -> bool:
     _patch_torch_cuda()
     _patch_rng_tracker()
     _patch_causal_mask()
+    fix_torch_adam_checkpoints()
     _active = True
     return True
 
@@ -188,3 +190,73 @@ def cuda_on_cpu():
         return
     with _CudaAsCpu():
         yield
+
+
+_adam_fixed = False
+
+
+def fix_torch_adam_checkpoints() -> bool:
+    """Exact resume for DistributedOptimizer over torch Adam/AdamW (megatron-core's no-Apex/TE fallback).
+
+    Unpatched, 0.16.1 (1) cannot build the loading state dict of a fresh optimizer (its `state_dict()`
+    asserts one `step` across an empty state), (2) raises KeyError 'step' when copying loaded per-param
+    tensors (the loaded dict has no 'step', the live state has), and (3) after loading gives every param
+    the SAME `step` tensor, which torch's foreach AdamW then increments once per param per step: bias
+    correction goes wrong and resumed runs drift (~1e-2 in loss). Returns True if the fix is installed.
+    """
+    global _adam_fixed
+    from megatron.core.optimizer import distrib_optimizer
+
+    if _adam_fixed:
+        return True
+    if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
+        return False  # fused Adam keeps `step` in param_groups; none of this applies
+    cls = distrib_optimizer.DistributedOptimizer
+    for name in ("state_dict", "load_state_dict", "_set_main_param_and_optimizer_states"):
+        if not hasattr(cls, name):
+            raise RuntimeError(f"mathtir.cpu_compat: DistributedOptimizer.{name} is gone; update the Adam fix")
+    original_state_dict = cls.state_dict
+    original_load_state_dict = cls.load_state_dict
+    original_set_states = cls._set_main_param_and_optimizer_states
+
+    def state_dict(self):
+        _allocate_adam_state(self.optimizer)
+        return original_state_dict(self)
+
+    def load_state_dict(self, state_dict):
+        original_load_state_dict(self, state_dict)
+        for param_state in self.optimizer.state.values():
+            if "step" in param_state:
+                param_state["step"] = param_state["step"].detach().clone()
+
+    def set_main_param_and_optimizer_states(self, model_param, tensors):
+        if "step" not in tensors:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            live_step = self.optimizer.state[main_param].get("step")
+            if live_step is not None:
+                tensors = {**tensors, "step": live_step}  # step comes from param_groups, set already
+        original_set_states(self, model_param, tensors)
+
+    cls.state_dict = state_dict
+    cls.load_state_dict = load_state_dict
+    cls._set_main_param_and_optimizer_states = set_main_param_and_optimizer_states
+    _adam_fixed = True
+    return True
+
+
+def _allocate_adam_state(optimizer) -> None:
+    """Give a never-stepped torch Adam/AdamW the zero state its first step would create (step 0), without
+    touching the parameters (a dummy step would apply weight decay)."""
+    if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        return
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state[param]
+            if state:
+                continue
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            if group.get("amsgrad"):
+                state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)

@@ -1,7 +1,7 @@
 """Process group + megatron model-parallel state + RNG, shared by the converters and the trainer.
 
-Launchers: torchrun (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* set), srun (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID;
-the sbatch script exports MASTER_ADDR/MASTER_PORT), or a plain `python` (a world of one).
+Launchers: torchrun (locally, and under Slurm one srun task per node running torchrun — slurm/common.sh),
+or a plain `python` (a world of one).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import sys
 from datetime import timedelta
 
 import torch
@@ -23,15 +24,8 @@ def _free_port() -> int:
 
 
 def _fill_env_from_launcher() -> None:
-    """torchrun sets the torch.distributed env vars itself; translate srun's, or default to one process."""
+    """torchrun sets the torch.distributed env vars itself; without it this process is a world of one."""
     if "RANK" in os.environ:
-        return
-    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
-        os.environ["RANK"] = os.environ["SLURM_PROCID"]
-        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
-        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-            raise RuntimeError("under srun, MASTER_ADDR and MASTER_PORT must be exported by the batch script")
         return
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -77,6 +71,17 @@ def initialize(tp: int, pp: int, *, seed: int, vp: int | None = None, timeout_mi
     torch.manual_seed(seed)
     # Per-TP-rank streams for init/dropout inside TP regions; the default stream is shared across TP.
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def relaunch_under_torchrun(nproc: int) -> None:
+    """Re-execute this script under `torchrun --standalone` with `nproc` ranks when it was started as a
+    plain process, so a CLI with --tp 2 works as typed. Returns only when no relaunch is needed."""
+    if nproc <= 1 or "RANK" in os.environ:
+        return
+    os.execv(
+        sys.executable,
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *sys.argv],
+    )
 
 
 def destroy() -> None:

@@ -1,7 +1,7 @@
 """HF directory <-> mathtir checkpoint, tensor by tensor, driven by the rule table in mapping.py.
 
-Import: every rank builds only its own TP/PP part of the model and fills it with the slices of the HF
-tensors it owns, read through safetensors memory maps, then all ranks write one torch_dist checkpoint.
+Import: every rank builds only its own TP/PP part of the model and fills it with the row ranges of the HF
+tensors it owns, read straight from the safetensors files, then all ranks write one torch_dist checkpoint.
 Export: one process loads the checkpoint at TP=1/PP=1 (torch_dist reshards) and streams HF safetensors
 shards out rule by rule. Neither holds two copies of the model.
 """
@@ -9,6 +9,8 @@ shards out rule by rule. Neither holds two copies of the model.
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 
 import torch
@@ -19,15 +21,68 @@ from mathtir.models.llama import ModelSpec, build_model
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}
-SHARD_BYTES = 2 * 1024**3
+
+
+_SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class _SafetensorsFile:
+    """Row ranges of the tensors in one .safetensors file, read with pread.
+
+    Reading (rather than memory-mapping) keeps the file's pages out of the process: a memory-mapped
+    8B checkpoint counts fully in the converter's RSS once every tensor was touched, on top of the model
+    being built, which is exactly the "two copies" a node must not hold.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            try:
+                header = json.loads(f.read(header_len))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{path}: not a safetensors file (bad header: {e})") from e
+        header.pop("__metadata__", None)
+        self.data_start = 8 + header_len
+        self.entries = header
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        entry = self.entries[name]
+        if entry["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
+        dtype, shape = _SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"]
+        row_numel = 1
+        for dim in shape[1:]:
+            row_numel *= dim
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        begin, end = entry["data_offsets"]
+        if (end - begin) != row_numel * (shape[0] if shape else 1) * itemsize:
+            raise ValueError(f"{self.path}: tensor {name!r}: data size does not match shape {shape}")
+        if not shape:
+            start, stop = 0, 1
+        out = torch.empty((stop - start) * row_numel, dtype=dtype)
+        view = memoryview(out.view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+        offset = self.data_start + begin + start * row_numel * itemsize
+        with open(self.path, "rb", buffering=0) as f:
+            while view.nbytes:
+                got = os.preadv(f.fileno(), [view], offset)
+                if got <= 0:
+                    raise ValueError(f"{self.path}: truncated while reading tensor {name!r}")
+                view, offset = view[got:], offset + got
+        return out.reshape(stop - start, *shape[1:]) if shape else out.reshape(())
 
 
 class HFWeights:
-    """Memory-mapped access to an HF directory's safetensors (single file or sharded with an index)."""
+    """Tensor-by-tensor access to an HF directory's safetensors (single file or sharded with an index)."""
 
     def __init__(self, hf_dir: str | Path):
-        from safetensors import safe_open
-
         self.dir = Path(hf_dir)
         index = self.dir / "model.safetensors.index.json"
         single = self.dir / "model.safetensors"
@@ -38,25 +93,28 @@ class HFWeights:
         else:
             raise FileNotFoundError(f"{self.dir}: no model.safetensors or model.safetensors.index.json")
         files = sorted(set(weight_map.values())) if weight_map else [single.name]
-        self._handles = {}
+        self._files = {}
         for name in files:
             if not (self.dir / name).is_file():
                 raise FileNotFoundError(f"{self.dir / name}: listed in the safetensors index but missing")
-            self._handles[name] = safe_open(str(self.dir / name), framework="pt")
+            self._files[name] = _SafetensorsFile(self.dir / name)
         if weight_map is None:
-            weight_map = {k: single.name for k in self._handles[single.name].keys()}
+            weight_map = {k: single.name for k in self._files[single.name].entries}
+        for tensor, fname in weight_map.items():
+            if tensor not in self._files[fname].entries:
+                raise KeyError(f"{self.dir / fname}: tensor {tensor!r} listed in the index is not in the file")
         self.file_of = weight_map
 
-    def _slice(self, name: str):
+    def _file(self, name: str) -> _SafetensorsFile:
         if name not in self.file_of:
             raise KeyError(f"{self.dir}: tensor {name!r} is missing from the safetensors files")
-        return self._handles[self.file_of[name]].get_slice(name)
+        return self._files[self.file_of[name]]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._slice(name).get_shape())
+        return self._file(name).shape(name)
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self._slice(name)[start:stop]
+        return self._file(name).rows(name, start, stop)
 
     def check_against(self, spec: ModelSpec) -> None:
         """Every tensor the config implies exists with the implied shape, and nothing unexplained is left."""
@@ -132,14 +190,13 @@ def resolve_root(ckpt: str | Path) -> tuple[Path, int | None]:
 
 
 def load_megatron(ckpt: str | Path, *, dtype: torch.dtype | None = None) -> tuple[ModelSpec, list]:
-    """Build the model for the current parallel state and load the checkpoint's weights into it."""
+    """Build the model for the current parallel state and load the checkpoint's weights into it, in the
+    stored dtype or, if given, in `dtype` (torch_dist casts while loading)."""
     root, iteration = resolve_root(ckpt)
     spec = ModelSpec.from_dir(root)
-    stored = checkpoint.stored_dtype(root, iteration)
-    chunks = build_model(spec, params_dtype=stored, perform_initialization=False, use_te=False)
+    dtype = dtype or checkpoint.stored_dtype(root, iteration)
+    chunks = build_model(spec, params_dtype=dtype, perform_initialization=False, use_te=False)
     checkpoint.load_model(root, chunks, iteration)
-    if dtype is not None and dtype != stored:
-        chunks = [c.to(dtype) for c in chunks]
     return spec, chunks
 
 
@@ -156,35 +213,38 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, *, hf_template: str | Path 
     for stale in out_dir.glob("model*.safetensors*"):
         stale.unlink()
 
-    def hf_tensors():
+    def rule_layers():
         for rule in mapping.RULES:
-            layers = range(spec.num_layers) if "{i}" in rule.megatron else [None]
-            for layer in layers:
-                name = rule.megatron.format(i=layer)
-                if name not in params:
-                    if rule.megatron == "output_layer.weight" and spec.tie_word_embeddings:
-                        continue
-                    raise KeyError(f"{root}: checkpoint model has no parameter {name!r}")
-                yield from mapping.export_tensors(rule, spec, layer, params[name].detach()).items()
+            if rule.megatron == "output_layer.weight" and spec.tie_word_embeddings:
+                continue  # HF derives lm_head from the embedding
+            for layer in range(spec.num_layers) if "{i}" in rule.megatron else [None]:
+                yield rule, layer
 
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    total = 0
-    for name, tensor in hf_tensors():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > SHARD_BYTES:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-        total += nbytes
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
-        weight_map.update({n: fname for n in shard})
-        shard.clear()  # release the export copies (qkv/fc1 splits) as soon as they are on disk
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    # Plan the shards from shapes alone, then write each as soon as its tensors exist: at most one shard
+    # of export copies (the q/k/v and gate/up splits) is alive next to the model.
+    itemsize = next(iter(params.values())).element_size()
+    shapes = mapping.expected_hf_shapes(spec)
+    names = [n for rule, layer in rule_layers() for n in mapping.hf_names(rule, spec, layer)]
+    nbytes = {n: math.prod(shapes[n]) * itemsize for n in names}
+    shard_limit = max(nbytes.values())
+    plan: list[list[str]] = [[]]
+    for name in names:
+        if plan[-1] and sum(nbytes[n] for n in plan[-1]) + nbytes[name] > shard_limit:
+            plan.append([])
+        plan[-1].append(name)
+    file_of = {n: f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i, shard in enumerate(plan) for n in shard}
+    pending: dict[str, torch.Tensor] = {}
+    for rule, layer in rule_layers():
+        name = rule.megatron.format(i=layer)
+        if name not in params:
+            raise KeyError(f"{root}: checkpoint model has no parameter {name!r}")
+        pending.update(mapping.export_tensors(rule, spec, layer, params[name].detach()))
+        while plan and all(n in pending for n in plan[0]):
+            shard = {n: pending.pop(n) for n in plan.pop(0)}
+            save_file(shard, str(out_dir / file_of[next(iter(shard))]), metadata={"format": "pt"})
+    if plan or pending:
+        raise RuntimeError(f"export of {root} left tensors unwritten: {sorted(pending)[:5]}")
+    index = {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": dict(sorted(file_of.items()))}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     hf_config = json.loads((root / checkpoint.HF_CONFIG_FILE).read_text())

@@ -88,7 +88,7 @@ class ModelSpec:
             if value != wanted:
                 raise UnsupportedModelError(f"{source}: field {key}={value!r} is not supported (only {wanted!r})")
 
-        rope = _rope_parameters(cfg)
+        rope = rope_parameters(cfg)
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise UnsupportedModelError(
@@ -157,7 +157,7 @@ class ModelSpec:
         return inv_freq.detach().float().clone().as_subclass(torch.Tensor)  # nn.Buffer -> plain tensor
 
 
-def _rope_parameters(cfg: dict) -> dict:
+def rope_parameters(cfg: dict) -> dict:
     """transformers 5 writes `rope_parameters`; 4.x configs carry `rope_theta` + `rope_scaling`."""
     if cfg.get("rope_parameters"):
         return dict(cfg["rope_parameters"])

@@ -151,9 +151,8 @@ def import_shard(rule: Rule, spec: ModelSpec, layer: int | None, read_rows: RowR
 
 
 def export_tensors(rule: Rule, spec: ModelSpec, layer: int | None, full: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Invert `rule` on the full (TP=1) megatron tensor: HF name -> tensor."""
-    if rule.megatron == "output_layer.weight" and spec.tie_word_embeddings:
-        return {}  # HF derives lm_head from the embedding
+    """Invert `rule` on the full (TP=1) megatron tensor: HF name -> tensor. (With tied embeddings the
+    output layer is not exported: HF derives lm_head from the embedding.)"""
     names = hf_names(rule, spec, layer)
     if rule.transform == QKV:
         ng, hd = spec.num_kv_heads, spec.head_dim
