@@ -26,7 +26,11 @@ def _resume_worker(root: Path) -> None:
     """Train 2 steps, checkpoint (model + distributed optimizer), train 3 more; then a fresh model and
     optimizer load the checkpoint and train the same 3 steps. The losses must agree exactly."""
     import torch
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from mathtir import checkpoint, cpu_compat, distributed
