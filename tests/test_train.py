@@ -202,23 +202,23 @@ def test_smollm2_finetuning_lowers_the_loss(runs):
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-def test_config_errors_are_reported_before_any_work(tmp_path, tiny_init, tiny_shards):
-    """Bad input stops the launch with one clear line naming the key (no traceback to dig through)."""
-    res = subprocess.run([PYTHON, "-m", "mathtir.train", str(SMOKE), f"model.init_from={tiny_init}",
-                          f"data.train_dir={tiny_shards}", "optim.sched.warmup_step=3"],
-                         cwd=REPO, env={**os.environ, **LAUNCH_ENV}, capture_output=True, text=True, timeout=60)
-    assert res.returncode == 2
-    assert "unknown key 'optim.sched.warmup_step'" in res.stderr and "Traceback" not in res.stderr
-    res = subprocess.run([PYTHON, "-m", "mathtir.train", str(REPO / "nemo_configs" / "smollm2_smoke.yaml"),
-                          f"model.init_from={tiny_init}", f"data.train_dir={tiny_shards}", "data.seq_length=256",
-                          f"checkpoint.dir={tmp_path / 'x'}"], cwd=REPO, env={**os.environ, **LAUNCH_ENV},
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2
-    assert f"data.seq_length=256 but {tiny_shards} is packed to 128 tokens" in res.stderr
-    res = subprocess.run([PYTHON, "-m", "mathtir.train", str(SMOKE), f"model.init_from={tmp_path / 'none'}",
-                          f"data.train_dir={tiny_shards}"], cwd=REPO, env={**os.environ, **LAUNCH_ENV},
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2 and f"model.init_from: {tmp_path / 'none'} has no checkpoint" in res.stderr
+def test_config_errors_are_reported_before_any_work(tmp_path, capsys, tiny_init, tiny_shards):
+    """Bad input stops the run with one clear line naming the key or file, before any process group starts."""
+    from mathtir.train import main
+
+    common = [f"model.init_from={tiny_init}", f"data.train_dir={tiny_shards}", f"checkpoint.dir={tmp_path / 'x'}"]
+    assert main([str(SMOKE), *common, "optim.sched.warmup_step=3"]) == 2
+    assert "unknown key 'optim.sched.warmup_step'" in capsys.readouterr().err
+    assert main([str(REPO / "nemo_configs" / "smollm2_smoke.yaml"), *common, "data.seq_length=256"]) == 2
+    assert f"data.seq_length=256 but {tiny_shards} is packed to 128 tokens" in capsys.readouterr().err
+    assert main([str(SMOKE), *common, f"model.init_from={tmp_path / 'none'}"]) == 2
+    assert f"model.init_from: {tmp_path / 'none'} has no checkpoint" in capsys.readouterr().err
+    assert main([str(REPO / "nemo_configs" / "smollm2_smoke.yaml"), *common, f"data.train_dir={tmp_path}"]) == 2
+    assert f"{tmp_path / 'manifest.json'}: no manifest" in capsys.readouterr().err
+    # TP=2 needs 2 launched ranks (this process is a world of one).
+    assert main([str(SMOKE), *common]) == 2
+    assert "does not divide the 1 launched ranks" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 # ---------------------------------------------------------------------------- driver (run under torchrun)
