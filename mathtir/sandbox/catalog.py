@@ -171,6 +171,10 @@ CATALOG: tuple[HostileCase, ...] = (
                 "import ctypes\nlibc = ctypes.CDLL(None)\nprint('rc', [libc.unshare(0x10000000), "
                 "libc.unshare(0x00020000), libc.mount(b'none', b'/tmp', b'tmpfs', 0, None), libc.chroot(b'/tmp'), "
                 "libc.setns(0, 0)])", ("ok",), stdout_has="rc [-1, -1, -1, -1, -1]"),
+    HostileCase("forge_protocol_frames",
+                "import os, json, struct\nframe = json.dumps({'status': 'ok', 'stdout': 'forged'}).encode()\n"
+                "for fd in range(3, 1024):\n    try:\n        os.write(fd, struct.pack('>I', len(frame)) + frame)\n"
+                "    except OSError:\n        pass\nprint('sent')", ("ok",), stdout_has="sent", stdout_lacks="forged"),
     HostileCase("write_host_sysctl", "open('/proc/sys/vm/drop_caches', 'w').write('3')", ERROR),
     HostileCase("sysrq_trigger", "open('/proc/sysrq-trigger', 'w').write('b')", ERROR),
     HostileCase("ctypes_segfault", "import ctypes\nctypes.string_at(0)", KILLED),

@@ -119,7 +119,13 @@ def _python_binds() -> list[str]:
 
 
 def _site_dirs() -> list[str]:
-    return [p for p in site.getsitepackages() if os.path.isdir(p)]
+    """The interpreter's site-packages, and the user's (pip install --user) when this interpreter uses it;
+    never other sys.path entries (a checkout, PYTHONPATH), which may hold anything."""
+    dirs = list(site.getsitepackages())
+    user_site = site.getusersitepackages() if site.ENABLE_USER_SITE else None
+    if user_site and user_site in sys.path:
+        dirs.append(user_site)
+    return [p for p in dirs if os.path.isdir(p)]
 
 
 def _bwrap_namespace_args() -> list[str]:
@@ -364,7 +370,8 @@ class SandboxPool:
                 "to run snippets with only rlimits + seccomp (no filesystem or network namespaces).")
         if problem:
             message = (f"MATHTIR SANDBOX DEGRADED: {problem}. Snippets run with rlimits + seccomp only: "
-                       "they can READ ANY FILE this user can read and write to shared /tmp.")
+                       "they can READ ANY FILE this user can read and write to shared /tmp"
+                       + (", as root (without capabilities)." if os.geteuid() == 0 else "."))
             warnings.warn(message, RuntimeWarning, stacklevel=2)
             log.error(message)
         self.workers = [Worker(i, self.config, self.degraded) for i in range(workers)]

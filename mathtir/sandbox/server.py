@@ -87,11 +87,11 @@ DENIED_SYSCALLS = (
     "keyctl", "add_key", "request_key", "kexec_load", "kexec_file_load", "init_module",
     "finit_module", "delete_module", "reboot", "swapon", "swapoff", "acct", "quotactl", "iopl",
     "ioperm", "settimeofday", "clock_settime", "clock_adjtime", "adjtimex", "syslog",
-    "name_to_handle_at", "open_by_handle_at", "lookup_dcookie",
+    "name_to_handle_at", "open_by_handle_at", "lookup_dcookie", "ioprio_set",
 )
 # Denied when the first argument names another process (0 = the caller).
 OTHER_PROCESS_SYSCALLS = ("prlimit64", "sched_setaffinity", "sched_setscheduler", "sched_setparam",
-                          "migrate_pages", "move_pages", "ioprio_set")
+                          "sched_setattr", "migrate_pages", "move_pages")
 # Allowed only when the target (first argument) is the child itself or its own process group.
 SIGNAL_SYSCALLS = ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo")
 
@@ -265,13 +265,14 @@ def _replay(history: list[str], namespace: dict, block_timeout: float) -> None:
     os.close(devnull)
     signal.signal(signal.SIGALRM, on_alarm)
     for block in history:
-        try:
-            signal.setitimer(signal.ITIMER_REAL, block_timeout)
-            _run_cell(_compile_cell(block), namespace)
+        try:  # nested: an alarm that fires inside the inner `finally` is swallowed too (it is one-shot)
+            try:
+                signal.setitimer(signal.ITIMER_REAL, block_timeout)
+                _run_cell(_compile_cell(block), namespace)
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
         except BaseException:  # noqa: B036 — replay must survive anything the block did before
             pass
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
         try:
             sys.stdout.flush()
             sys.stderr.flush()

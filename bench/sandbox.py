@@ -1,0 +1,110 @@
+"""Sandbox speed, side by side in one run: mathtir's SandboxPool (all isolation on) vs a fresh `python -c`
+per snippet (the naive baseline) vs in-process `exec` (the floor, no isolation at all).
+
+    .venv/bin/python bench/sandbox.py [--workers 2] [--runs 200] [--fresh-runs 12]
+
+For a trivial snippet and a typical TIR snippet (sympy solve): p50/p99 latency of sequential calls, and
+throughput with `workers` concurrent callers. Targets (issue 3): sympy throughput >= 15x the fresh-process
+baseline; trivial p50 <= 8 ms. Ratios are printed at the end. The machine is shared: keep runs short.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from mathtir.sandbox import SandboxPool
+
+SNIPPETS = {
+    "trivial": "print(2 + 3)",
+    "sympy": "import sympy as sp\nx = sp.Symbol('x')\nprint(sp.solve(x**3 - 6*x**2 + 11*x - 6, x))",
+}
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def measure(call, runs: int, concurrency: int) -> dict:
+    """Latency: `runs` sequential calls. Throughput: `runs` calls from `concurrency` threads."""
+    call()  # warm-up
+    latencies = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        call()
+        latencies.append((time.perf_counter() - t0) * 1000)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as ex:
+        list(ex.map(lambda _: call(), range(runs)))
+    elapsed = time.perf_counter() - t0
+    return {"p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
+            "mean": statistics.fmean(latencies), "per_s": runs / elapsed}
+
+
+def pool_call(pool: SandboxPool, code: str):
+    def call():
+        result = pool.run(code, timeout=30)
+        if result.status != "ok":
+            raise RuntimeError(f"sandbox run failed: {result}")
+    return call
+
+
+def fresh_process_call(code: str):
+    def call():
+        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    return call
+
+
+def in_process_call(code: str):
+    compiled = compile(code, "<cell>", "exec")
+
+    def call():
+        with contextlib.redirect_stdout(io.StringIO()):
+            exec(compiled, {"__name__": "__main__"})
+    return call
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, default=2, help="pool workers = concurrent callers for throughput")
+    parser.add_argument("--runs", type=int, default=200, help="calls per (pool|in-process, snippet) measurement")
+    parser.add_argument("--fresh-runs", type=int, default=12, help="calls per fresh-process measurement")
+    args = parser.parse_args()
+
+    rows: dict[tuple[str, str], dict] = {}
+    t0 = time.perf_counter()
+    with SandboxPool(args.workers) as pool:
+        print(f"pool of {args.workers} workers started in {time.perf_counter() - t0:.1f} s "
+              f"({'DEGRADED' if pool.degraded else 'bwrap + seccomp + rlimits'})", flush=True)
+        for name, code in SNIPPETS.items():
+            rows["pool", name] = measure(pool_call(pool, code), args.runs, args.workers)
+    for name, code in SNIPPETS.items():
+        rows["fresh python -c", name] = measure(fresh_process_call(code), args.fresh_runs, args.workers)
+        # exec holds the GIL: more threads would not add throughput, so the floor is single-threaded.
+        rows["in-process exec", name] = measure(in_process_call(code), args.runs, 1)
+
+    print(f"\n{'method':<18}{'snippet':<9}{'p50 ms':>9}{'p99 ms':>9}{'runs/s':>9}")
+    for (method, name), row in rows.items():
+        print(f"{method:<18}{name:<9}{row['p50']:>9.2f}{row['p99']:>9.2f}{row['per_s']:>9.1f}")
+    print()
+    for name in SNIPPETS:
+        pool_row, fresh, floor = rows["pool", name], rows["fresh python -c", name], rows["in-process exec", name]
+        print(f"{name}: pool throughput = {pool_row['per_s'] / fresh['per_s']:.1f}x fresh process; "
+              f"pool p50 = {fresh['p50'] / pool_row['p50']:.1f}x faster than fresh, "
+              f"+{pool_row['p50'] - floor['p50']:.2f} ms over in-process exec")
+    sympy_ratio = rows["pool", "sympy"]["per_s"] / rows["fresh python -c", "sympy"]["per_s"]
+    trivial_p50 = rows["pool", "trivial"]["p50"]
+    print(f"targets: sympy throughput >= 15x fresh: {sympy_ratio:.1f}x "
+          f"[{'met' if sympy_ratio >= 15 else 'MISSED'}]; trivial p50 <= 8 ms: {trivial_p50:.2f} ms "
+          f"[{'met' if trivial_p50 <= 8 else 'MISSED'}]")
+
+
+if __name__ == "__main__":
+    main()
