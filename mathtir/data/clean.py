@@ -16,13 +16,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 _WORD = re.compile(r"[a-z0-9]+(?:\.[0-9]+)?|[^\W_]", re.UNICODE)
-_SPACE = re.compile(r"\s+")
 _MERSENNE = (1 << 61) - 1
 
 
 def normalize(text: str) -> str:
     """NFKC (full-width digits and letters to ASCII), lower case, whitespace collapsed."""
-    return _SPACE.sub(" ", unicodedata.normalize("NFKC", text).lower()).strip()
+    return " ".join(unicodedata.normalize("NFKC", text).lower().split())
 
 
 def words(text: str) -> list[str]:
@@ -44,7 +43,7 @@ class MinHasher:
         self.shingle = shingle
 
     def signature(self, text: str) -> np.ndarray:
-        compact = _SPACE.sub("", normalize(text))
+        compact = normalize(text).replace(" ", "")
         k = self.shingle
         grams = {compact[i:i + k] for i in range(max(1, len(compact) - k + 1))}
         hashes = np.fromiter((zlib.crc32(g.encode()) for g in grams), dtype=np.uint64, count=len(grams))
