@@ -90,7 +90,8 @@ def bench_verification(samples: int) -> str:
     for p in generate_problems(samples, rng, exclude=set()):
         blocks = [(p.code, str(p.answer))]
         if rng.random() < 0.5:  # a second block that depends on the first one's state
-            blocks.append((f"print({p.code.split(' = ')[0]} * 2)", str(2 * p.answer)))
+            printed = p.code.splitlines()[-1].removeprefix("print(").removesuffix(")")
+            blocks.append((f"print({printed} * 2)", str(2 * p.answer)))
         cases.append(blocks)
     workers = len(os.sched_getaffinity(0))
     with SandboxPool(workers) as pool, ThreadPoolExecutor(workers) as executor:
