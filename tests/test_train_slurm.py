@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 # Override the scripts' multi-node GPU defaults for this one 2-CPU node.
 CPU_JOB = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--time=15"]
 JOB_ENV = {**LAUNCH_ENV, "MATHTIR_NPROC_PER_NODE": "2"}
-STEPS = 6
+STEPS = 10  # long enough that the signal sent after step 2 lands mid-run even on an idle machine
 
 
 def submit(cluster, script: str, recipe: str, out: Path, overrides: list[str], extra: list[str] = ()) -> str:
@@ -91,7 +91,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm_cluster, s
     while len(step_records(out.read_text() if out.exists() else "")) < 2:  # mid-run: after step 2
         assert time.monotonic() < deadline, out.read_text()[-4000:]
         assert not slurm_cluster.job(job).done, out.read_text()[-4000:]
-        time.sleep(0.2)
+        time.sleep(0.05)
     slurm_cluster.signal(job, "USR1")  # what --signal=B:USR1@N delivers to the batch shell
     info = slurm_cluster.wait(job, timeout=300)
     text = out.read_text()
