@@ -63,9 +63,14 @@ def fresh_process_call(code: str):
 
 
 def in_process_call(code: str):
+    """exec in this process. sympy's cache is cleared first: a sandbox child starts from the fork server's
+    cache, so repeating one solve in one process would time cache hits, not the work."""
+    import sympy
+
     compiled = compile(code, "<cell>", "exec")
 
     def call():
+        sympy.core.cache.clear_cache()
         with contextlib.redirect_stdout(io.StringIO()):
             exec(compiled, {"__name__": "__main__"})
     return call

@@ -296,9 +296,21 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
-def run_case(worker: Worker, case: HostileCase, bait: HostBait) -> CaseReport:
+def _process_count_settles(pid: int, expected: int, within: float = 3.0) -> bool:
+    """The worker's process tree returns to its usual size (bwrap, its init, the fork server and one spare
+    child forked ahead of the next request). The server replaces the spare right after answering, so a
+    moment's difference is normal; a process that outlives that is a leak."""
+    deadline = time.monotonic() + within
+    while len(_descendants(pid)) != expected:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def run_case(worker: Worker, case: HostileCase, bait: HostBait, process_count: int) -> CaseReport:
+    """`process_count`: size of the worker's process tree when idle (measured before any case ran)."""
     starts, pid = worker.starts, worker.pid
-    processes_before = _descendants(pid)
     t0 = time.monotonic()
     result = worker.run(bait.fill(case.code), timeout=case.timeout)
     seconds = time.monotonic() - t0
@@ -313,7 +325,7 @@ def run_case(worker: Worker, case: HostileCase, bait: HostBait) -> CaseReport:
         problems.append(f"error {result.error!r} lacks {case.error_has!r}")
     if worker.starts != starts or worker.pid != pid or not worker.alive:
         problems.append("the worker died or was restarted")
-    elif _descendants(pid) != processes_before:
+    elif not _process_count_settles(pid, process_count):
         problems.append("processes leaked in the worker's sandbox")
     follow = worker.run("print(2+3)", timeout=5)
     if (follow.status, follow.stdout) != ("ok", "5\n"):
@@ -335,8 +347,12 @@ def run_catalog(workers: list[Worker], bait: HostBait,
     lock = threading.Lock()
 
     def serve(worker_index: int) -> None:
+        worker = workers[worker_index]
+        worker.run("pass", timeout=5)  # idle afterwards: the spare child for the next request is forked
+        time.sleep(0.5)
+        idle_count = len(_descendants(worker.pid))
         for case in cases[worker_index::len(workers)]:
-            report = run_case(workers[worker_index], case, bait)
+            report = run_case(worker, case, bait, idle_count)
             with lock:
                 reports[case.name] = report
 

@@ -343,8 +343,6 @@ class Worker:
             self.stop()
             return ExecResult.internal_error(message, worker=self.index)
         self.runs += 1
-        if answer.pop("recycle", False):
-            self.stop()  # its scratch space could not be wiped: the next run starts a fresh sandbox
         return ExecResult(**answer, worker=self.index)
 
 

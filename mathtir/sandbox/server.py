@@ -17,6 +17,7 @@ import json
 import os
 import struct
 import sys
+from dataclasses import dataclass
 
 FRAME_HEADER = struct.Struct(">I")
 CELL_FILENAME = "<cell>"
@@ -185,8 +186,8 @@ def _drop_capabilities(libc) -> None:
         raise OSError(ctypes.get_errno(), "capset failed")
 
 
-def _isolate_child(ctx: dict, limits: dict) -> None:
-    """Everything between fork and the first line of snippet code. Raises if any step fails."""
+def _isolate_child(ctx: dict) -> None:
+    """Everything between fork and reading the request. Raises if any step fails."""
     import resource
     import signal
 
@@ -198,13 +199,11 @@ def _isolate_child(ctx: dict, limits: dict) -> None:
         raise OSError("PR_SET_PDEATHSIG failed")
     os.chdir(ctx["workdir"])
     os.umask(0o022)
-    for res, value in ((resource.RLIMIT_AS, limits["address_space"]),
-                       (resource.RLIMIT_FSIZE, limits["file_size"]),
-                       (resource.RLIMIT_NOFILE, limits["open_files"]),
+    for res, value in ((resource.RLIMIT_AS, ctx["address_space"]),
+                       (resource.RLIMIT_FSIZE, ctx["file_size"]),
+                       (resource.RLIMIT_NOFILE, ctx["open_files"]),
                        (resource.RLIMIT_CORE, 0)):
         resource.setrlimit(res, (value, value))
-    # SIGXCPU at the soft limit, SIGKILL one second later if the snippet ignores it.
-    resource.setrlimit(resource.RLIMIT_CPU, (limits["cpu_seconds"], limits["cpu_seconds"] + 1))
     _drop_capabilities(libc)
     if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise OSError("PR_SET_NO_NEW_PRIVS failed")
@@ -285,18 +284,21 @@ def _replay(history: list[str], namespace: dict, block_timeout: float) -> None:
     os.close(saved[1])
 
 
-def _child_main(ctx: dict, request: dict, limits: dict, fds: tuple[int, int, int]) -> None:
+def _child_main(ctx: dict, fds: tuple[int, int, int, int]) -> None:
+    """A spare child: isolates itself right after the fork, then waits for its one request on fd 4."""
     import builtins
     import io
     import random
+    import resource
     import threading
 
-    out_w, err_w, status_w = fds
+    out_w, err_w, status_w, request_r = fds
     os.dup2(ctx["devnull"], 0)
     os.dup2(out_w, 1)
     os.dup2(err_w, 2)
     os.dup2(status_w, 3)
-    os.closerange(4, limits["max_fd"])
+    os.dup2(request_r, 4)
+    os.closerange(5, ctx["max_fd"])
     status = io.FileIO(3, "w", closefd=False)
 
     def report(**event) -> None:
@@ -306,10 +308,17 @@ def _child_main(ctx: dict, request: dict, limits: dict, fds: tuple[int, int, int
             pass
 
     try:
-        _isolate_child(ctx, limits)
+        _isolate_child(ctx)
     except BaseException as exc:  # noqa: B036
         report(event="setup_failed", error=f"{type(exc).__name__}: {exc}")
         os._exit(SETUP_FAILED_EXIT)
+    request = read_frame(4)
+    if request is None:  # the server dropped this spare
+        os._exit(0)
+    os.close(4)
+    # SIGXCPU at the soft limit, SIGKILL one second later if the snippet ignores it.
+    cpu_seconds = cpu_limit(request)
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
 
     sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8",
@@ -317,9 +326,7 @@ def _child_main(ctx: dict, request: dict, limits: dict, fds: tuple[int, int, int
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
                                   errors="backslashreplace", line_buffering=True)
     sys.argv = [""]
-    random.seed(ctx["seed"])
-    if "numpy" in sys.modules:
-        sys.modules["numpy"].random.seed(ctx["seed"])
+    random.seed(ctx["seed"])  # `random` reseeds itself after every fork; numpy was seeded in the server
 
     namespace = {"__name__": "__main__", "__builtins__": builtins}
     exit_code = 0
@@ -350,7 +357,16 @@ def _child_main(ctx: dict, request: dict, limits: dict, fds: tuple[int, int, int
         sys.stderr.flush()
     except BaseException:  # noqa: B036
         pass
+    # Output is flushed: the server may answer now, without waiting for this big process to be torn down.
+    report(event="done", exit_code=exit_code & 0xFF)
     os._exit(exit_code & 0xFF)
+
+
+def cpu_limit(request: dict) -> int:
+    import math
+
+    margin = float(request["replay_margin"]) if request["history"] else 0.0
+    return math.ceil(float(request["timeout"]) + margin) + 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -445,52 +461,80 @@ def _wipe(path: str) -> bool:
         return False
 
 
-def execute(ctx: dict, request: dict) -> dict:
-    import math
+@dataclass
+class Child:
+    """A forked child and the server's ends of its pipes."""
+
+    pid: int
+    stdout: int
+    stderr: int
+    status: int
+    request: int  # write end: the child reads its one request from here
+
+
+def spawn_child(ctx: dict) -> Child:
+    """Fork the next child ahead of its request, so fork and isolation are off the request's path."""
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    request_r, request_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _child_main(ctx, (out_w, err_w, status_w, request_r))
+        finally:
+            os._exit(SETUP_FAILED_EXIT)
+    for fd in (out_w, err_w, status_w, request_r):
+        os.close(fd)
+    return Child(pid, out_r, err_r, status_r, request_w)
+
+
+def finish_child(ctx: dict, child: Child) -> bool:
+    """Kill and reap the child and anything it left, wipe the scratch dirs. False if they stay dirty."""
+    _kill_child(child.pid)
+    for fd in (child.stdout, child.stderr, child.status, child.request):
+        os.close(fd)
+    try:
+        os.waitpid(child.pid, 0)
+    except ChildProcessError:  # already reaped by execute()
+        pass
+    _kill_leftovers(ctx)
+    return all(_wipe(d) for d in ctx["scratch_dirs"])
+
+
+def execute(ctx: dict, child: Child, request: dict) -> dict:
+    """Hand the request to the waiting child and supervise it until it is done, dead or stopped."""
     import select
     import signal
     import time
 
     timeout = float(request["timeout"])
     margin = float(request["replay_margin"]) if request["history"] else 0.0
-    limits = {
-        "address_space": ctx["address_space"],
-        "file_size": ctx["file_size"],
-        "open_files": ctx["open_files"],
-        "cpu_seconds": math.ceil(timeout + margin) + 1,
-        "max_fd": ctx["max_fd"],
-    }
     keep, max_output = ctx["keep_output_bytes"], ctx["max_output_bytes"]
-    out_r, out_w = os.pipe2(os.O_CLOEXEC)
-    err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    status_r, status_w = os.pipe2(os.O_CLOEXEC)
-
     start = time.monotonic()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            _child_main(ctx, request, limits, (out_w, err_w, status_w))
-        except BaseException as exc:  # noqa: B036 — a bug here must not take the server's place
-            os.write(status_w, (json.dumps({"event": "setup_failed", "error": repr(exc)}) + "\n").encode())
-        finally:
-            os._exit(SETUP_FAILED_EXIT)
-    for fd in (out_w, err_w, status_w):
-        os.close(fd)
+    try:
+        write_all(child.request, encode_frame(request))
+    except BrokenPipeError:  # the spare died while waiting: its status says why
+        pass
 
     # Replay time is free up to the margin; beyond it, it eats into the new block's budget.
     hard_deadline = start + timeout + margin
     deadline = hard_deadline
-    captures = {out_r: StreamCapture(keep), err_r: StreamCapture(keep)}
+    captures = {child.stdout: StreamCapture(keep), child.stderr: StreamCapture(keep)}
     status_buf = bytearray()
     events: list[dict] = []
     replay_ms = None
-    verdict = None  # "timeout" | "output_limit" when the server killed the child
+    verdict = None  # "timeout" | "output_limit" when the server stopped the child
     poller = select.poll()
-    for fd in (out_r, err_r, status_r, ctx["wakeup_r"]):
+    for fd in (child.stdout, child.stderr, child.status, ctx["wakeup_r"]):
         os.set_blocking(fd, False)
         poller.register(fd, select.POLLIN)
-    open_fds = {out_r, err_r, status_r}
-    exited = None
+    open_fds = {child.stdout, child.stderr, child.status}
+    exited = None  # (wait status, rusage) once reaped
+    done = None  # the child's own "done" event: output flushed, exit code known
+
+    def output_total() -> int:
+        return sum(c.total for c in captures.values())
 
     def read_available(fd: int) -> None:
         while True:
@@ -502,16 +546,16 @@ def execute(ctx: dict, request: dict) -> dict:
                 poller.unregister(fd)
                 open_fds.discard(fd)
                 return
-            if fd == status_r:
+            if fd == child.status:
                 if len(status_buf) < 65536:
                     status_buf.extend(data)
             else:
                 captures[fd].feed(data)
-                if verdict is None and captures[out_r].total + captures[err_r].total > max_output:
+                if output_total() > max_output:
                     return
 
     def parse_status() -> None:
-        nonlocal replay_ms, deadline
+        nonlocal replay_ms, deadline, done
         while b"\n" in status_buf:
             line, _, rest = bytes(status_buf).partition(b"\n")
             status_buf[:] = rest
@@ -525,9 +569,11 @@ def execute(ctx: dict, request: dict) -> dict:
                 now = time.monotonic()
                 replay_ms = (now - start) * 1000
                 deadline = min(now + timeout, hard_deadline)
+            elif event.get("event") == "done" and isinstance(event.get("exit_code"), int):
+                done = event
             events.append(event)
 
-    while exited is None:
+    while exited is None and done is None:
         for fd, _ in poller.poll(max(deadline - time.monotonic(), 0) * 1000):
             if fd == ctx["wakeup_r"]:
                 try:
@@ -537,47 +583,41 @@ def execute(ctx: dict, request: dict) -> dict:
             else:
                 read_available(fd)
         parse_status()
-        got, wait_status, rusage = os.wait4(pid, os.WNOHANG)
-        if got == pid:
+        got, wait_status, rusage = os.wait4(child.pid, os.WNOHANG)
+        if got == child.pid:
             exited = (wait_status, rusage)
-        elif captures[out_r].total + captures[err_r].total > max_output:
+        elif output_total() > max_output:
             verdict = "output_limit"
-            break
         elif time.monotonic() >= deadline:
             verdict = "timeout"
-            break
+        if verdict:
+            _kill_child(child.pid)
+            _, wait_status, rusage = os.wait4(child.pid, 0)
+            exited = (wait_status, rusage)
     wall_ms = (time.monotonic() - start) * 1000
-    if exited is None:
-        _kill_child(pid)
-        _, wait_status, rusage = os.wait4(pid, 0)
-        exited = (wait_status, rusage)
-    # The child is gone (no fork allowed, so nothing else holds the pipes): take what is buffered.
+    # Everything the child wrote before "done" or its death is in the pipes now (no fork was allowed,
+    # so only the child held their write ends, and it is finished or dead): take it.
     for fd in list(open_fds):
-        if verdict == "output_limit" and fd != status_r:
-            continue
-        read_available(fd)
+        if verdict != "output_limit" or fd == child.status:
+            read_available(fd)
     parse_status()
-    for fd in (out_r, err_r, status_r):
-        os.close(fd)
-    _kill_leftovers(ctx)
-    clean = all(_wipe(d) for d in ctx["scratch_dirs"])
 
-    wait_status, rusage = exited
-    out, err = captures[out_r], captures[err_r]
+    out, err = captures[child.stdout], captures[child.stderr]
     result = {
         "stdout": out.text(), "stderr": err.text(),
         "stdout_dropped": out.dropped, "stderr_dropped": err.dropped,
         "truncated": bool(out.dropped or err.dropped or verdict == "output_limit"),
         "wall_ms": wall_ms, "replay_ms": replay_ms,
         "exit_code": None, "signal": None, "error": None,
-        "recycle": not clean,
     }
     error_events = [e for e in events if e.get("event") in ("error", "setup_failed")]
-    cpu_seconds = rusage.ru_utime + rusage.ru_stime
-    if os.WIFSIGNALED(wait_status):
-        result["signal"] = os.WTERMSIG(wait_status)
+    cpu_seconds = cpu_limit(request)
+    if exited is None:
+        result["exit_code"] = done["exit_code"]
+    elif os.WIFSIGNALED(exited[0]):
+        result["signal"] = os.WTERMSIG(exited[0])
     else:
-        result["exit_code"] = os.WEXITSTATUS(wait_status)
+        result["exit_code"] = os.WEXITSTATUS(exited[0])
     if verdict == "timeout":
         phase = " while replaying earlier blocks" if request["history"] and replay_ms is None else ""
         result.update(status="timeout", error=f"Timeout: exceeded the {timeout:g} s time limit{phase}")
@@ -586,13 +626,13 @@ def execute(ctx: dict, request: dict) -> dict:
                       error=f"Output limit: more than {max_output} bytes written; execution stopped")
     elif result["signal"] is not None:
         sig = result["signal"]
-        if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu_seconds >= limits["cpu_seconds"]):
-            result.update(status="timeout", error=f"Timeout: exceeded the {limits['cpu_seconds']} s CPU limit")
+        used = exited[1].ru_utime + exited[1].ru_stime
+        if sig == signal.SIGXCPU or (sig == signal.SIGKILL and used >= cpu_seconds):
+            result.update(status="timeout", error=f"Timeout: exceeded the {cpu_seconds} s CPU limit")
         else:
             result.update(status="killed", error=f"Killed by signal {signal.Signals(sig).name}")
-    elif result["exit_code"] == SETUP_FAILED_EXIT and any(e.get("event") == "setup_failed" for e in error_events):
-        result.update(status="internal_error", error="sandbox child setup failed: " + error_events[-1]["error"],
-                      recycle=True)
+    elif result["exit_code"] == SETUP_FAILED_EXIT and any(e.get("event") == "setup_failed" for e in events):
+        result.update(status="internal_error", error="sandbox child setup failed: " + error_events[-1]["error"])
     elif result["exit_code"] == 0:
         result["status"] = "ok"
     else:
@@ -602,6 +642,31 @@ def execute(ctx: dict, request: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+
+
+def _warm_up_sympy(sp) -> None:
+    """Typical TIR calls, once: sympy imports ~40 modules lazily on first use, which every forked child
+    would otherwise redo (a first cubic `solve` costs ~100 ms cold, ~30 ms after this)."""
+    x, y = sp.symbols("x y")
+    sp.solve(x**2 - 2 * x - 3, x)
+    sp.solve(x**3 - 2 * x + 1, x)
+    sp.solve([x + y - 3, x - y - 1], [x, y])
+    sp.factor(x**4 - 1)
+    sp.expand((x + 1) ** 5)
+    sp.simplify(sp.sin(x) ** 2 + sp.cos(x) ** 2)
+    sp.integrate(x**2, (x, 0, 1))
+    sp.diff(sp.exp(x) * x, x)
+    sp.limit(sp.sin(x) / x, x, 0)
+    sp.series(sp.exp(x), x, 0, 4)
+    sp.nsimplify(0.5)
+    sp.N(sp.pi, 20)
+    sp.Rational(3, 4) + sp.sqrt(8)
+    sp.binomial(10, 3)
+    sp.isprime(97)
+    sp.factorint(360)
+    sp.summation(x**2, (x, 1, 10))
+    sp.Matrix([[1, 2], [3, 4]]).det()
+    sp.nsolve(x**2 - 2, x, 1)
 
 
 def _drop_privileges(libc, uid: int) -> None:
@@ -634,11 +699,12 @@ def main() -> None:
         site.addsitedir(path)
     for name in config["preload"]:
         importlib.import_module(name)
-    if "sympy" in sys.modules:  # pull in sympy's lazily imported solver machinery once, here
-        sympy = sys.modules["sympy"]
-        x = sympy.Symbol("x")
-        sympy.solve(x**2 - 2 * x - 3, x)
-        sympy.simplify(sympy.sin(x) ** 2 + sympy.cos(x) ** 2)
+    if "sympy" in sys.modules:
+        _warm_up_sympy(sys.modules["sympy"])
+    if "numpy" in sys.modules:
+        # Seeded here, once: children inherit the state. Seeding in each child would cost ~2,000 page
+        # copies (tens of ms) on every run.
+        sys.modules["numpy"].random.seed(config["seed"])
     main_filter = compile_main_filter()
     signal_syscalls = signal_syscall_numbers()
 
@@ -673,13 +739,19 @@ def main() -> None:
         "seed": config["seed"],
     }
     gc.freeze()  # objects imported so far stay shared with every forked child instead of being copied
+    child = spawn_child(ctx)
     write_all(proto_out, encode_frame({"ready": True, "pid": os.getpid(), "vm_bytes": vm_bytes}))
     while True:
         request = read_frame(proto_in)
         if request is None:
+            finish_child(ctx, child)
             return
-        result = execute(ctx, request)
-        write_all(proto_out, encode_frame(result))
+        write_all(proto_out, encode_frame(execute(ctx, child, request)))
+        # After answering, while the host is busy elsewhere: clean up and fork the next child.
+        if not finish_child(ctx, child):
+            sys.exit("mathtir sandbox: the scratch space could not be wiped; exiting so that a fresh "
+                     "sandbox replaces this one")
+        child = spawn_child(ctx)
 
 
 if __name__ == "__main__":
