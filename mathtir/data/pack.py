@@ -9,6 +9,7 @@ document never spans two sequences) and is deterministic: ties are broken by doc
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -35,41 +36,44 @@ def pack_minimum_slack(lengths: Sequence[int], capacity: int) -> list[list[int]]
     docs_of: dict[int, list[int]] = {}
     for doc in sorted(range(len(lengths)), key=lambda i: (lengths[i], -i)):
         docs_of.setdefault(lengths[doc], []).append(doc)
-    distinct = sorted(docs_of, reverse=True)
+    ascending = sorted(docs_of)  # the lengths that still have documents
     bins: list[list[int]] = []
-    while distinct:
-        first = docs_of[distinct[0]].pop()
-        room = capacity - lengths[first]
-        chosen = [first] + _fullest_subset(docs_of, distinct, room)
+    while ascending:
+        longest = ascending[-1]
+        first = docs_of[longest].pop()
+        if not docs_of[longest]:
+            ascending.pop()
+        chosen = [first] + _fullest_subset(docs_of, ascending, capacity - longest)
         bins.append(chosen)
-        distinct = [length for length in distinct if docs_of[length]]
-        for length in {lengths[doc] for doc in chosen} - set(distinct):
-            del docs_of[length]
+        for length in {lengths[doc] for doc in chosen[1:]}:
+            if not docs_of[length]:
+                del ascending[bisect.bisect_left(ascending, length)]
     return bins
 
 
-def _fullest_subset(docs_of: dict[int, list[int]], distinct: list[int], room: int) -> list[int]:
+def _fullest_subset(docs_of: dict[int, list[int]], ascending: list[int], room: int) -> list[int]:
     """Pop and return the documents of a subset whose total length is the largest one <= room.
 
     Bounded subset sum: each length with c documents enters as pieces of 1, 2, 4, ... documents; bit s of
-    ``reach`` says that total s is reachable. Stops early at a perfect fit (the common case).
+    ``reach`` says that total s is reachable. Longest lengths first; stops early at a perfect fit (the common
+    case while many documents are left).
     """
     mask = (1 << (room + 1)) - 1
+    full = 1 << room
     reach = 1
     history: list[tuple[int, int, int]] = []  # (length, documents in the piece, reach before the piece)
-    for length in distinct:
-        if length > room or not docs_of[length]:
-            continue
+    for k in range(bisect.bisect_right(ascending, room) - 1, -1, -1):
+        length = ascending[k]
         left, piece = len(docs_of[length]), 1
-        while left and length * min(piece, left) <= room:
-            take = min(piece, left)
+        while left:
+            take = piece if piece < left else left
+            if length * take > room:
+                break
             history.append((length, take, reach))
             reach |= (reach << (length * take)) & mask
             left -= take
             piece *= 2
-            if reach >> room & 1:
-                break
-        if reach >> room & 1:
+        if reach & full:
             break
     total = reach.bit_length() - 1
     chosen: list[int] = []

@@ -532,8 +532,9 @@ def merge(cfg: DictConfig, num_parts: int = 1) -> dict:
             if cfg.dedup.near else None)
     near_kept: list[int] = []
     kept: list[int] = []
+    exact = bool(cfg.dedup.exact)  # a plain bool: OmegaConf attribute access is slow in a per-document loop
     for i in order.tolist():
-        if cfg.dedup.exact:
+        if exact:
             first = seen.setdefault(keys[i], i)
             if first != i:
                 dedup_drops.append(Drop(int(sources[i]), int(indices[i]), locations[i], "exact_duplicate",
@@ -551,10 +552,11 @@ def merge(cfg: DictConfig, num_parts: int = 1) -> dict:
         counts[drop.reason] += 1
 
     lengths = [len(store.document(refs[i])[0]) for i in kept]
-    bins = pack_minimum_slack(lengths, cfg.seq_length) if kept else []
+    bins = pack_minimum_slack(lengths, int(cfg.seq_length)) if kept else []
     # Shuffle whole sequences (seeded): packing puts the longest documents first.
     bins = [bins[j] for j in np.random.Generator(np.random.PCG64(cfg.seed)).permutation(len(bins))]
-    rows = (packed_row([store.document(refs[kept[d]]) for d in b], cfg.seq_length, identity["pad_id"]) for b in bins)
+    seq_length, pad_id = int(cfg.seq_length), int(identity["pad_id"])
+    rows = (packed_row([store.document(refs[kept[d]]) for d in b], seq_length, pad_id) for b in bins)
     shards = write_shards(out, rows, rows_per_shard=cfg.pack.rows_per_shard, row_group_size=cfg.pack.row_group_size)
     for stale in sorted(out.glob("shard_*.parquet")):
         if stale.name not in {s.file for s in shards}:
