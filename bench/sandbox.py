@@ -1,11 +1,12 @@
 """Sandbox speed, side by side in one run: mathtir's SandboxPool (all isolation on) vs a fresh `python -c`
 per snippet (the naive baseline) vs in-process `exec` (the floor, no isolation at all).
 
-    .venv/bin/python bench/sandbox.py [--workers 2] [--runs 200] [--fresh-runs 12]
+    .venv/bin/python bench/sandbox.py [--workers 2] [--runs 100] [--fresh-runs 8]
 
 For a trivial snippet and a typical TIR snippet (sympy solve): p50/p99 latency of sequential calls, and
 throughput with `workers` concurrent callers. Targets (issue 3): sympy throughput >= 15x the fresh-process
-baseline; trivial p50 <= 8 ms. Ratios are printed at the end. The machine is shared: keep runs short.
+baseline; trivial p50 <= 8 ms. Ratios are printed at the end, with the load average: on a shared machine
+absolute latencies follow the load, the ratios much less.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import statistics
 import subprocess
 import sys
@@ -79,11 +81,12 @@ def in_process_call(code: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=2, help="pool workers = concurrent callers for throughput")
-    parser.add_argument("--runs", type=int, default=200, help="calls per (pool|in-process, snippet) measurement")
-    parser.add_argument("--fresh-runs", type=int, default=12, help="calls per fresh-process measurement")
+    parser.add_argument("--runs", type=int, default=100, help="calls per (pool|in-process, snippet) measurement")
+    parser.add_argument("--fresh-runs", type=int, default=8, help="calls per fresh-process measurement")
     args = parser.parse_args()
 
     rows: dict[tuple[str, str], dict] = {}
+    print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
     t0 = time.perf_counter()
     with SandboxPool(args.workers) as pool:
         print(f"pool of {args.workers} workers started in {time.perf_counter() - t0:.1f} s "
@@ -95,6 +98,7 @@ def main() -> None:
         # exec holds the GIL: more threads would not add throughput, so the floor is single-threaded.
         rows["in-process exec", name] = measure(in_process_call(code), args.runs, 1)
 
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
     print(f"\n{'method':<18}{'snippet':<9}{'p50 ms':>9}{'p99 ms':>9}{'runs/s':>9}")
     for (method, name), row in rows.items():
         print(f"{method:<18}{name:<9}{row['p50']:>9.2f}{row['p99']:>9.2f}{row['per_s']:>9.1f}")

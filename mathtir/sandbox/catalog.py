@@ -175,6 +175,11 @@ CATALOG: tuple[HostileCase, ...] = (
                 "import os, json, struct\nframe = json.dumps({'status': 'ok', 'stdout': 'forged'}).encode()\n"
                 "for fd in range(3, 1024):\n    try:\n        os.write(fd, struct.pack('>I', len(frame)) + frame)\n"
                 "    except OSError:\n        pass\nprint('sent')", ("ok",), stdout_has="sent", stdout_lacks="forged"),
+    HostileCase("garbage_on_status_channel",
+                "import os\nos.write(3, b'[' * 60000 + b'\\n{\"event\": \"done\"}\\n\\xff\\n{\"event\": \"setup_failed\"}\\n'\n"
+                "         b'{\"event\": \"done\", \"exit_code\": 0.5}\\n{\"event\": \"error\", \"error\": [1]}\\n' + b'7' * 5000 + b'\\n')\n"
+                "print('still here')",
+                ("ok",), stdout_has="still here"),
     HostileCase("write_host_sysctl", "open('/proc/sys/vm/drop_caches', 'w').write('3')", ERROR),
     HostileCase("sysrq_trigger", "open('/proc/sysrq-trigger', 'w').write('b')", ERROR),
     HostileCase("ctypes_segfault", "import ctypes\nctypes.string_at(0)", KILLED),

@@ -276,9 +276,10 @@ class Worker:
 
     def _drain_stderr(self, proc: subprocess.Popen) -> None:
         # The server's own diagnostics (never snippet output): keep the tail for error messages.
-        for line in proc.stderr:
-            self._stderr_tail += line
-            del self._stderr_tail[:-4096]
+        with proc.stderr:
+            for line in proc.stderr:
+                self._stderr_tail += line
+                del self._stderr_tail[:-4096]
 
     def stderr_tail(self) -> str:
         return bytes(self._stderr_tail).decode("utf-8", "replace").strip()

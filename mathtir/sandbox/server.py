@@ -561,17 +561,18 @@ def execute(ctx: dict, child: Child, request: dict) -> dict:
             status_buf[:] = rest
             try:
                 event = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # the snippet can write anything to fd 3
                 continue
-            if not isinstance(event, dict):
-                continue
-            if event.get("event") == "replayed" and replay_ms is None:
+            # Only well-formed events count: the snippet can forge these lines, but must not crash us.
+            kind = event.get("event") if isinstance(event, dict) else None
+            if kind == "replayed" and replay_ms is None:
                 now = time.monotonic()
                 replay_ms = (now - start) * 1000
                 deadline = min(now + timeout, hard_deadline)
-            elif event.get("event") == "done" and isinstance(event.get("exit_code"), int):
+            elif kind == "done" and type(event.get("exit_code")) is int and 0 <= event["exit_code"] < 256:
                 done = event
-            events.append(event)
+            elif kind in ("error", "setup_failed") and isinstance(event.get("error"), str):
+                events.append({"event": kind, "error": event["error"][:2000]})
 
     while exited is None and done is None:
         for fd, _ in poller.poll(max(deadline - time.monotonic(), 0) * 1000):
@@ -610,7 +611,6 @@ def execute(ctx: dict, child: Child, request: dict) -> dict:
         "wall_ms": wall_ms, "replay_ms": replay_ms,
         "exit_code": None, "signal": None, "error": None,
     }
-    error_events = [e for e in events if e.get("event") in ("error", "setup_failed")]
     cpu_seconds = cpu_limit(request)
     if exited is None:
         result["exit_code"] = done["exit_code"]
@@ -631,13 +631,13 @@ def execute(ctx: dict, child: Child, request: dict) -> dict:
             result.update(status="timeout", error=f"Timeout: exceeded the {cpu_seconds} s CPU limit")
         else:
             result.update(status="killed", error=f"Killed by signal {signal.Signals(sig).name}")
-    elif result["exit_code"] == SETUP_FAILED_EXIT and any(e.get("event") == "setup_failed" for e in events):
-        result.update(status="internal_error", error="sandbox child setup failed: " + error_events[-1]["error"])
+    elif result["exit_code"] == SETUP_FAILED_EXIT and events and events[-1]["event"] == "setup_failed":
+        result.update(status="internal_error", error="sandbox child setup failed: " + events[-1]["error"])
     elif result["exit_code"] == 0:
         result["status"] = "ok"
     else:
-        message = error_events[-1].get("error") if error_events else None
-        result.update(status="error", error=str(message or f"Exited with code {result['exit_code']}"))
+        result.update(status="error", error=events[-1]["error"] if events else
+                      f"Exited with code {result['exit_code']}")
     return result
 
 
