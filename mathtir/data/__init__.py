@@ -1,7 +1,9 @@
 """SFT data pipeline: raw CoT/TIR sets -> verified, deduplicated, decontaminated, tokenized, packed shards.
 
-Stages (one module each): readers (JSONL/Parquet/HF-on-disk records), clean (structural filters, dedup,
-decontamination), verify (re-execution through the sandbox), pack (tokenize + bin packing + shards),
-prepare (the orchestration, manifest and report), loader (what the trainer reads), demo (synthetic data).
-Entry point: ``python -m mathtir.data prepare <config> [key=value ...]``.
+Modules: config (the data recipe schema, nemo_configs/data_*.yaml), readers (JSONL/Parquet/HF-on-disk
+records), clean (dedup keys, decontamination index), verify (re-execution through the sandbox), pack (bin
+packing + Parquet shards), prepare (per-record filters, tokenization, the part/merge orchestration, manifest
+and report), loader (what the trainer reads), demo (synthetic Japanese arithmetic data).
+Entry point: ``python -m mathtir.data {prepare,merge,demo} ...`` (see __main__.py); on Slurm,
+``slurm/prepare_data.sh``.
 """
