@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,26 +88,34 @@ def input_files(path: Path, fmt: str) -> list[Path]:
     return [path / name for name in names]
 
 
-def iter_rows(path: Path, fmt: str, columns: Sequence[str]) -> Iterator[tuple[str, dict | InvalidRecord]]:
-    """(location, raw dict) for every record of one input; InvalidRecord for unparseable ones."""
+def iter_rows(path: Path, fmt: str, columns: Sequence[str], owned: Callable[[int], bool] = lambda i: True
+              ) -> Iterator[tuple[str, dict | InvalidRecord | None]]:
+    """(location, raw dict) for every record of one input, InvalidRecord for unparseable ones, and None for the
+    records ``owned(row)`` rejects: those are counted but never decoded (other array tasks own them)."""
     if fmt == "jsonl":
-        yield from _jsonl_rows(path)
+        yield from _jsonl_rows(path, owned)
     elif fmt == "parquet":
-        yield from _parquet_rows(path, columns)
+        yield from _parquet_rows(path, columns, owned)
     elif fmt == "hf_disk":
+        row = 0
         for arrow_file in input_files(path, fmt):
-            yield from _arrow_rows(arrow_file, columns)
+            for item in _arrow_rows(arrow_file, columns, lambda i, first=row: owned(first + i)):
+                row += 1
+                yield item
     else:
         raise DataError(f"{path}: unknown format {fmt!r} (jsonl | parquet | hf_disk)")
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict | InvalidRecord]]:
+def _jsonl_rows(path: Path, owned: Callable[[int], bool]) -> Iterator[tuple[str, dict | InvalidRecord | None]]:
     opener = gzip.open if path.name.endswith(".gz") else open
     seen_any = False
     try:
         with opener(path, "rb") as f:
             for line_number, raw in enumerate(f, start=1):
                 seen_any = True
+                if not owned(line_number - 1):
+                    yield "", None
+                    continue
                 where = f"{path}:{line_number}"
                 try:
                     line = raw.decode("utf-8")
@@ -129,35 +137,43 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict | InvalidRecord]]:
                 yield where, value
     except (OSError, EOFError) as exc:  # truncated or corrupt gzip
         raise DataError(f"{path}: cannot read ({exc})") from exc
-    if not seen_any:
+    if not seen_any and owned(0):
         yield f"{path}", InvalidRecord(-1, -1, f"{path}", None, "empty file (no records)")
 
 
-def _table_batches_rows(path: Path, batches, schema: pa.Schema, columns: Sequence[str], label: str
-                        ) -> Iterator[tuple[str, dict | InvalidRecord]]:
+def _table_batches_rows(path: Path, batches, schema: pa.Schema, columns: Sequence[str],
+                        owned: Callable[[int], bool]) -> Iterator[tuple[str, dict | InvalidRecord | None]]:
     missing = [c for c in columns if c not in schema.names]
     if missing:
         raise DataError(f"{path}: missing field '{missing[0]}' (columns present: {', '.join(schema.names)})")
     row = 0
     for batch in batches:
-        for value in batch.select(list(columns)).to_pylist():
-            yield f"{path} {label} {row}", value
+        keep = [j for j in range(batch.num_rows) if owned(row + j)]
+        values = iter(batch.select(list(columns)).take(pa.array(keep, pa.int64())).to_pylist())
+        kept = set(keep) if len(keep) < batch.num_rows else None
+        for j in range(batch.num_rows):
+            if kept is None or j in kept:
+                yield f"{path} row {row}", next(values)
+            else:
+                yield "", None
             row += 1
-    if row == 0:
+    if row == 0 and owned(0):
         yield f"{path}", InvalidRecord(-1, -1, f"{path}", None, "empty file (no records)")
 
 
-def _parquet_rows(path: Path, columns: Sequence[str]) -> Iterator[tuple[str, dict | InvalidRecord]]:
+def _parquet_rows(path: Path, columns: Sequence[str], owned: Callable[[int], bool]
+                  ) -> Iterator[tuple[str, dict | InvalidRecord | None]]:
     try:
         parquet = pq.ParquetFile(path)
         schema = parquet.schema_arrow
         batches = parquet.iter_batches(batch_size=_BATCH_ROWS, columns=[c for c in columns if c in schema.names])
-        yield from _table_batches_rows(path, batches, schema, columns, "row")
+        yield from _table_batches_rows(path, batches, schema, columns, owned)
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from exc
 
 
-def _arrow_rows(path: Path, columns: Sequence[str]) -> Iterator[tuple[str, dict | InvalidRecord]]:
+def _arrow_rows(path: Path, columns: Sequence[str], owned: Callable[[int], bool]
+                ) -> Iterator[tuple[str, dict | InvalidRecord | None]]:
     # `datasets` writes Arrow IPC streams; memory-mapped, so batches are read lazily.
     try:
         source = pa.memory_map(str(path))
@@ -168,7 +184,7 @@ def _arrow_rows(path: Path, columns: Sequence[str]) -> Iterator[tuple[str, dict 
             source = pa.memory_map(str(path))
             reader = pa.ipc.open_file(source)
             batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-        yield from _table_batches_rows(path, batches, reader.schema, columns, "row")
+        yield from _table_batches_rows(path, batches, reader.schema, columns, owned)
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"{path}: not a readable Arrow file ({exc})") from exc
 
@@ -232,11 +248,13 @@ def iter_records(inputs: Sequence[tuple[Path, str]], fields: FieldMap, *, part: 
     Ownership is by global record number, so parts never overlap and their union is the whole input.
     """
     columns = required_columns(fields)
-    number = -1
+    first = 0  # global number of the current file's first record
     for source, (path, fmt) in enumerate(inputs):
-        for index, (where, raw) in enumerate(iter_rows(path, fmt, columns)):
-            number += 1
-            if number % num_parts != part:
+        rows = 0
+        for index, (where, raw) in enumerate(
+                iter_rows(path, fmt, columns, owned=lambda i, first=first: (first + i) % num_parts == part)):
+            rows += 1
+            if raw is None:
                 continue
             if isinstance(raw, InvalidRecord):
                 yield InvalidRecord(source, index, where, raw.field, raw.reason)
@@ -246,3 +264,4 @@ def iter_records(inputs: Sequence[tuple[Path, str]], fields: FieldMap, *, part: 
                 yield InvalidRecord(source, index, where, mapped.field, mapped.reason)
                 continue
             yield Record(source=source, index=index, location=where, **mapped)
+        first += rows
