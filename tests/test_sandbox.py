@@ -67,6 +67,8 @@ def test_syntax_error(pool):
 
 def test_sys_exit_codes(pool):
     assert pool.run("import sys\nsys.exit(0)", timeout=5).status == "ok"
+    assert pool.run("print('a')\nexit()\nprint('b')", timeout=5).stdout == "a\n"  # site's exit/quit exist
+    assert pool.run("quit(4)", timeout=5).exit_code == 4
     r = pool.run("import sys\nsys.exit(3)", timeout=5)
     assert (r.status, r.exit_code, r.error) == ("error", 3, "SystemExit: 3")
 

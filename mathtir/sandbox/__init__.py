@@ -1,8 +1,21 @@
 """Isolated, fast execution of model-written Python (issue 3).
 
+    from mathtir.sandbox import SandboxPool
+    with SandboxPool(workers=4) as pool:
+        result = pool.run(code, timeout=10, history=earlier_blocks)   # or: await pool.arun(...)
+
 SandboxPool runs snippets in fork servers inside bubblewrap sandboxes; ExecResult is what comes back.
 Importing this package is light: the math stack is imported inside the sandbox workers, not here.
-The Ray wrapper lives in mathtir.sandbox.ray_actor (imports ray; import it only where Ray is used).
+The Ray wrappers live in mathtir.sandbox.ray_actor (imports ray; import it only where Ray is used).
+`python -m mathtir.sandbox selftest` runs the hostile catalog (mathtir/sandbox/catalog.py).
+
+What a snippet gets: no network (empty network namespace, and no socket() at all), no view of the host's
+files except read-only /usr and the Python install, a private 64 MiB /tmp wiped after every run, a cleared
+environment, the nobody user (or the caller's own uid without root), no fork/exec, signals only to
+itself, rlimits on address space, CPU time, file size and open files. Known limits: a snippet can spend
+its whole timeout creating empty files (tmpfs inode count cannot be capped through bwrap); a worker whose
+/tmp cannot be wiped restarts (the run in flight is retried); degraded mode (no bwrap) exposes every file
+the user can read.
 """
 
 from mathtir.sandbox.pool import STATUSES, ExecResult, SandboxPool, SandboxUnavailable

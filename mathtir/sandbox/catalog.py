@@ -111,7 +111,7 @@ CATALOG: tuple[HostileCase, ...] = (
                 "import os\nfor i in range(20000):\n    open(f'/tmp/f{i}', 'w').close()\nprint(len(os.listdir('/tmp')))",
                 ("ok",), stdout_has="20000", probe=EMPTY_SCRATCH[0], probe_stdout=EMPTY_SCRATCH[1]),
     HostileCase("deep_directories",
-                "import os\nos.chdir('/tmp')\nfor _ in range(1500):\n    os.mkdir('d')\n    os.chdir('d')\n"
+                "import os\nos.chdir('/tmp')\nfor _ in range(3000):  # 6000 chars: deeper than PATH_MAX\n    os.mkdir('d')\n    os.chdir('d')\n"
                 "open('leaf', 'w').close()", ("ok",), probe=EMPTY_SCRATCH[0], probe_stdout=EMPTY_SCRATCH[1]),
     HostileCase("locked_directory",
                 "import os\nos.makedirs('/tmp/locked/inner')\nopen('/tmp/locked/inner/f', 'w').close()\n"

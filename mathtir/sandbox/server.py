@@ -3,10 +3,11 @@
     python -S -B server.py CONFIG_JSON
 
 It imports the math stack once, compiles the seccomp filter once, then serves requests read as
-length-prefixed JSON frames on fd 0 and answers on fd 1. Per request it forks a child that isolates
-itself (new session, fds, rlimits, no privileges, seccomp), replays the trajectory's earlier blocks
-silently and runs the new block REPL-style. The server enforces the wall-clock limit by waiting on the
-process (never on pipe EOF), caps output keeping head and tail, kills leftovers and wipes /tmp.
+length-prefixed JSON frames on fd 0 and answers on fd 1. Each request goes to a child forked ahead of
+time, which isolated itself right after the fork (new session, fds, rlimits, no privileges, seccomp);
+it replays the trajectory's earlier blocks silently and runs the new block REPL-style. The server
+enforces the wall-clock limit by waiting on the process (never on pipe EOF), caps output keeping head
+and tail, answers, then kills the child and any leftovers, wipes /tmp and forks the next child.
 
 The module top level uses only the standard library: the host imports it for the frame format.
 """
@@ -439,26 +440,36 @@ def _kill_leftovers(ctx: dict) -> None:
 def _wipe(path: str) -> bool:
     """Empty a scratch directory, undoing permission tricks; False if anything survived.
 
-    Iterative, because a snippet can nest directories deeper than Python's recursion limit.
+    Walks by chdir and relative names, iteratively: a snippet can nest directories deeper than PATH_MAX
+    and than Python's recursion limit. The child is dead by now, so nothing changes under our feet.
     """
     import stat
 
+    descended: list[str] = []  # names of the directories we are in, below `path`
     try:
-        pending = [entry.path for entry in os.scandir(path)]
-        empty_dirs = []
-        while pending:
-            p = pending.pop()
-            if stat.S_ISDIR(os.lstat(p).st_mode):
-                os.chmod(p, stat.S_IRWXU)
-                pending.extend(entry.path for entry in os.scandir(p))
-                empty_dirs.append(p)
+        os.chdir(path)
+        while True:
+            with os.scandir(".") as it:
+                entries = list(it)
+            subdir = None
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    subdir = entry.name
+                else:
+                    os.unlink(entry.name)
+            if subdir is not None:
+                os.chmod(subdir, stat.S_IRWXU)
+                os.chdir(subdir)
+                descended.append(subdir)
+            elif descended:
+                os.chdir("..")
+                os.rmdir(descended.pop())
             else:
-                os.unlink(p)
-        for p in reversed(empty_dirs):  # children were appended after their parents
-            os.rmdir(p)
-        return not os.listdir(path)
+                return True
     except OSError:
         return False
+    finally:
+        os.chdir("/")
 
 
 @dataclass
@@ -697,6 +708,7 @@ def main() -> None:
         sys.exit("mathtir sandbox: the host process is gone")
     for path in config["site_dirs"]:
         site.addsitedir(path)
+    site.setquit()  # `python -S` skips it: snippets calling exit() or quit() expect them defined
     for name in config["preload"]:
         importlib.import_module(name)
     if "sympy" in sys.modules:
