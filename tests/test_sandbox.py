@@ -13,7 +13,7 @@ import time
 import pytest
 
 from mathtir.sandbox import ExecResult, SandboxPool, SandboxUnavailable
-from mathtir.sandbox.catalog import _descendants
+from mathtir.sandbox.catalog import descendant_pids
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +192,7 @@ def test_killed_worker_is_restarted_and_the_request_retried():
 def test_hung_worker_returns_internal_error_and_restarts():
     with SandboxPool(1, memory_mb=256, supervision_grace=0.5) as sup:
         worker = sup.workers[0]
-        for pid in _descendants(worker.pid):  # the fork server stops answering: the worker looks hung
+        for pid in descendant_pids(worker.pid):  # the fork server stops answering: the worker looks hung
             os.kill(pid, signal.SIGSTOP)
         t0 = time.monotonic()
         r = worker.run("print(1)", timeout=0.5)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from mathtir.sandbox import SandboxPool
+from mathtir.sandbox import STATUSES, SandboxPool
 from mathtir.sandbox.catalog import CATALOG, HostBait, run_catalog
 
 
@@ -22,9 +22,10 @@ def reports():
         bait.close()
 
 
-def test_catalog_is_large_and_names_are_unique():
+def test_catalog_is_large_names_are_unique_and_statuses_exist():
     assert len(CATALOG) >= 40
     assert len({case.name for case in CATALOG}) == len(CATALOG)
+    assert {status for case in CATALOG for status in case.expect} <= set(STATUSES)
 
 
 @pytest.mark.parametrize("name", [case.name for case in CATALOG])

@@ -282,7 +282,7 @@ class CaseReport:
         return not self.problems
 
 
-def _descendants(pid: int) -> set[int]:
+def descendant_pids(pid: int) -> set[int]:
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -306,7 +306,7 @@ def _process_count_settles(pid: int, expected: int, within: float = 3.0) -> bool
     child forked ahead of the next request). The server replaces the spare right after answering, so a
     moment's difference is normal; a process that outlives that is a leak."""
     deadline = time.monotonic() + within
-    while len(_descendants(pid)) != expected:
+    while len(descendant_pids(pid)) != expected:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.02)
@@ -355,7 +355,7 @@ def run_catalog(workers: list[Worker], bait: HostBait,
         worker = workers[worker_index]
         worker.run("pass", timeout=5)  # idle afterwards: the spare child for the next request is forked
         time.sleep(0.5)
-        idle_count = len(_descendants(worker.pid))
+        idle_count = len(descendant_pids(worker.pid))
         for case in cases[worker_index::len(workers)]:
             report = run_case(worker, case, bait, idle_count)
             with lock:
