@@ -8,13 +8,21 @@ deliberately wrong (44 for sum(range(10))), so the sandbox's real output (45) is
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
-from cluster.ray_head import ray_head  # noqa: F401  (fixture)
+from cluster.ray_head import RayHead
 
-from mathtir.eval.data import Problem
+from mathtir.eval.data import Problem, file_sha256
 from mathtir.eval.sampling import GenerationRequest
 from mathtir.eval.tir import TIRConfig, run_sample
 from mathtir.formats import OutputFormat, get_dialect, get_template
@@ -191,3 +199,185 @@ def test_tir_text_only_round_after_last_execution(tir_sampler, sandbox_executor)
     record = run_loop(tir_sampler, sandbox_executor, PROBLEMS[2], max_code_executions=0)
     assert record.code_rounds == 0 and record.inserted_tokens == 0 and record.finish_reason == "eos"
     assert "```output\n44\n```" in record.text  # what the model wrote itself, not an execution
+
+
+# -- the Ray job -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A real Ray head on 127.0.0.1: 2 CPUs (the sampler actor takes 1) and 2 "sandbox" units."""
+    with RayHead(num_cpus=2, resources={"sandbox": 2}) as head:
+        yield head
+
+
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def write_data(path: Path, problems=PROBLEMS) -> Path:
+    path.write_text("".join(json.dumps({"id": p.id, "problem": p.problem, "expected_answer": p.expected_answer,
+                                        "category": p.category}) + "\n" for p in problems))
+    return path
+
+
+def job_args(model: Path, data: Path, output: Path, *extra: str) -> list[str]:
+    return ["--model", str(model), "--data", str(data), "--output", str(output), "--prompt-template", "chat",
+            "--sandbox-workers", "1", "--no-progress", *extra]
+
+
+def submit_job(head, args: list[str], timeout: float = 300) -> tuple[str, str]:
+    """`ray job submit --working-dir . -- python ray_eval/run.py ...`, then the job's final status and logs
+    (the CLI exits 0 for a STOPPED job too, so the status is read from the Jobs API)."""
+    cmd = head.cli("job", "submit", "--working-dir", ".", "--no-wait", "--", "python", "ray_eval/run.py", *args)
+    proc = subprocess.run(cmd, cwd=REPO, env=head.env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job_id = re.search(r"Job '([^']+)' submitted successfully", proc.stdout + proc.stderr).group(1)
+    deadline = time.monotonic() + timeout
+    while True:
+        info = http_json(f"{head.dashboard_url}/api/jobs/{job_id}")
+        if info["status"] in TERMINAL:
+            break
+        assert time.monotonic() < deadline, f"job {job_id} still {info['status']} after {timeout} s"
+        time.sleep(1)
+    logs = http_json(f"{head.dashboard_url}/api/jobs/{job_id}/logs")["logs"]
+    return info["status"], logs
+
+
+def http_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def read_records(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "records.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.cluster
+def test_ray_job_submit_tiny_model(ray_head, tir_tiny_dir, tmp_path):
+    data, out = write_data(tmp_path / "problems.jsonl"), tmp_path / "out"
+    status, logs = submit_job(ray_head, job_args(tir_tiny_dir, data, out, "--samples", "2", "--max-tokens", "96",
+                                                 "--max-code-executions", "2"))
+    assert status == "SUCCEEDED", logs[-3000:]
+    records = read_records(out)
+    assert sorted((r["problem_id"], r["sample_index"]) for r in records) == [
+        (p.id, i) for p in PROBLEMS for i in range(2)]
+    assert all(r["code_rounds"] >= 1 and r["generated_tokens"] + r["inserted_tokens"] <= 96 for r in records)
+    # executed on the cluster's sandbox actors: the real output of sum(range(10)), not the memorized 44
+    assert all("```output\n45\n```" in r["text"] for r in records if r["problem_id"] == "p2")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_problems"] == 3 and metrics["num_samples"] == 2
+    assert metrics["per_problem"]["p0"]["majority_correct"] == 1.0
+    assert metrics["run"]["sandbox"]["executions"] == sum(r["code_rounds"] for r in records)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["data_sha256"] == file_sha256(data)
+    assert manifest["attempts"][0]["code"]["source_sha256"]
+    report = (out / "report.md").read_text()
+    assert "| majority@2 |" in report and (out / "plots" / "accuracy_vs_k.png").stat().st_size > 1000
+
+
+@pytest.mark.cluster
+def test_ray_job_submit_smollm2(ray_head, smollm2_hf_dir, tmp_path):
+    problems = [Problem("a", "What is 2 + 3? Put the answer in \\boxed{}.", "5", "easy"),
+                Problem("b", "What is 10 - 4? Put the answer in \\boxed{}.", "6", "easy")]
+    data, out = write_data(tmp_path / "problems.jsonl", problems), tmp_path / "out"
+    status, logs = submit_job(ray_head, job_args(smollm2_hf_dir, data, out, "--samples", "2", "--max-tokens", "40",
+                                                 "--max-code-executions", "1"))
+    assert status == "SUCCEEDED", logs[-3000:]
+    records = read_records(out)
+    assert len(records) == 4 and {r["problem_id"] for r in records} == {"a", "b"}
+    assert all(0 < r["generated_tokens"] + r["inserted_tokens"] <= 40 for r in records)
+    assert all(r["finish_reason"] in ("eos", "length") for r in records)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_samples"] == 2 and set(metrics["per_problem"]) == {"a", "b"}
+    assert (out / "report.md").exists()
+
+
+@pytest.fixture
+def start_driver(ray_head):
+    """Start run.py joining the head (RAY_ADDRESS), as its own process so the test can kill it; whatever is
+    still running at the end of the test is killed (by pid)."""
+    procs = []
+
+    def start(args: list[str], log_path: Path) -> subprocess.Popen:
+        env = dict(ray_head.env, RAY_ADDRESS=ray_head.address)
+        with open(log_path, "ab") as log:
+            procs.append(subprocess.Popen([sys.executable, "ray_eval/run.py", *args], cwd=REPO, env=env,
+                                          stdout=log, stderr=subprocess.STDOUT))
+        return procs[-1]
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def sandbox_actor_pids(head) -> set[int]:
+    pids = set()
+    for proc in head.descendants():
+        try:
+            if "SandboxActor" in " ".join(proc.cmdline()):
+                pids.add(proc.pid)
+        except psutil.Error:  # exited (or a zombie) while we looked
+            pass
+    return pids
+
+
+def wait_for_records(output: Path, n: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    path = output / "records.jsonl"
+    while not (path.exists() and path.read_bytes().count(b"\n") >= n):
+        assert proc.poll() is None, f"driver exited early with {proc.returncode}"
+        assert time.monotonic() < deadline, f"fewer than {n} records after {timeout} s"
+        time.sleep(0.2)
+
+
+@pytest.mark.cluster
+def test_killed_driver_resumes_without_loss_or_duplicates(start_driver, tir_tiny_dir, tmp_path):
+    data, out, log = write_data(tmp_path / "problems.jsonl"), tmp_path / "out", tmp_path / "driver.log"
+    args = job_args(tir_tiny_dir, data, out, "--samples", "4", "--max-tokens", "64", "--max-in-flight", "1")
+    first = start_driver(args, log)
+    wait_for_records(out, 3, first)
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=30)
+    before = (out / "records.jsonl").read_text().splitlines(keepends=True)
+    assert 3 <= len(before) < 12, "the driver was not killed mid-run"
+
+    second = start_driver(args, log)
+    assert second.wait(timeout=300) == 0, log.read_text()[-3000:]
+    after = (out / "records.jsonl").read_text().splitlines(keepends=True)
+    assert after[: len(before)] == before  # nothing rewritten
+    keys = [(json.loads(line)["problem_id"], json.loads(line)["sample_index"]) for line in after]
+    assert len(keys) == len(set(keys)) == 12
+    attempts = [json.loads(line)["attempt"] for line in after]
+    assert attempts == [1] * len(before) + [2] * (12 - len(before))  # no finished sample generated again
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["attempts"]) == 2 and manifest["attempts"][1]["resumed_samples"] == len(before)
+    assert json.loads((out / "metrics.json").read_text())["num_samples"] == 4
+
+
+@pytest.mark.cluster
+def test_killed_sandbox_actor_is_replaced(ray_head, start_driver, tir_tiny_dir, tmp_path):
+    data, out, log = write_data(tmp_path / "problems.jsonl"), tmp_path / "out", tmp_path / "driver.log"
+    args = job_args(tir_tiny_dir, data, out, "--samples", "4", "--max-tokens", "64", "--max-in-flight", "1",
+                    "--sandbox-actors", "1")
+    driver = start_driver(args, log)
+    wait_for_records(out, 2, driver)
+    actors = sandbox_actor_pids(ray_head)
+    assert len(actors) == 1, actors
+    killed = actors.pop()
+    os.kill(killed, signal.SIGKILL)
+    done_at_kill = (out / "records.jsonl").read_bytes().count(b"\n")
+    deadline = time.monotonic() + 120
+    while not sandbox_actor_pids(ray_head) - {killed}:
+        assert driver.poll() is None and time.monotonic() < deadline, "no replacement sandbox actor started"
+        time.sleep(0.2)
+
+    assert driver.wait(timeout=300) == 0, log.read_text()[-3000:]
+    records = read_records(out)
+    assert len(records) == 12 and done_at_kill < 12
+    # samples finished after the kill still ran their code, on the replacement actor
+    later = records[done_at_kill:]
+    assert all(r["code_rounds"] >= 1 and r["exec_errors"] == 0 for r in later)
+    assert all("```output\n" in r["text"] for r in later)
+    sandbox = json.loads((out / "metrics.json").read_text())["run"]["sandbox"]
+    assert sandbox["executions"] >= len(later)

@@ -32,13 +32,12 @@ class PoolExecutor:
 
 
 class SandboxActorExecutor:
-    def __init__(self, actors: list, *, timeout: float, max_attempts: int = 6, max_concurrent: int | None = None):
+    def __init__(self, actors: list, *, timeout: float, cap=None, max_attempts: int = 6):
         self.actors = list(actors)
         self.timeout = timeout
+        self.cap = cap  # mathtir.sandbox.ray_actor.ConcurrencyCap: executions in flight across the job
         self.max_attempts = max_attempts
-        self.max_concurrent = max_concurrent
         self._in_flight = [0] * len(self.actors)
-        self._slots: asyncio.Semaphore | None = None
         self.executions = 0
         self.actor_failures = 0
         self.busy_s = 0.0
@@ -46,10 +45,7 @@ class SandboxActorExecutor:
     async def run(self, code: str, history: list[str]) -> ExecResult:
         import ray
 
-        if self._slots is None and self.max_concurrent:
-            self._slots = asyncio.Semaphore(self.max_concurrent)
-        if self._slots is not None:
-            await self._slots.acquire()
+        lease = await self.cap.acquire.remote() if self.cap is not None else None
         try:
             for attempt in range(1, self.max_attempts + 1):
                 index = min(range(len(self.actors)), key=self._in_flight.__getitem__)
@@ -71,18 +67,23 @@ class SandboxActorExecutor:
                 finally:
                     self._in_flight[index] -= 1
         finally:
-            if self._slots is not None:
-                self._slots.release()
+            if lease is not None:
+                await self.cap.release.remote(lease)
         raise AssertionError("unreachable")
 
     def stats(self) -> dict:
-        return {"actors": len(self.actors), "executions": self.executions, "actor_failures": self.actor_failures,
-                "busy_s": round(self.busy_s, 2)}
+        import ray
+
+        stats = {"actors": len(self.actors), "executions": self.executions,
+                 "actor_failures": self.actor_failures, "busy_s": round(self.busy_s, 2)}
+        if self.cap is not None:
+            stats["concurrency"] = ray.get(self.cap.stats.remote(), timeout=60)
+        return stats
 
 
 def start_sandbox(ray, args) -> SandboxActorExecutor:
     """Sandbox actors sized to the cluster's "sandbox" resource (or --sandbox-actors), ready before use."""
-    from mathtir.sandbox.ray_actor import SandboxActor
+    from mathtir.sandbox.ray_actor import SandboxActor, get_concurrency_cap
 
     units = int(ray.cluster_resources().get("sandbox", 0))
     if units < 1:
@@ -94,5 +95,6 @@ def start_sandbox(ray, args) -> SandboxActorExecutor:
     actors = [SandboxActor.options(max_restarts=-1).remote(workers=args.sandbox_workers) for _ in range(count)]
     ray.get([a.ready.remote() for a in actors], timeout=300)
     log.info("%d sandbox actor(s) ready, %d worker(s) each", count, args.sandbox_workers)
-    return SandboxActorExecutor(actors, timeout=args.exec_timeout,
-                                max_concurrent=args.max_concurrent_executions or count * args.sandbox_workers)
+    # A per-job cap (the job's own namespace): one job never waits on another job's leases.
+    cap = get_concurrency_cap(args.max_concurrent_executions or count * args.sandbox_workers)
+    return SandboxActorExecutor(actors, timeout=args.exec_timeout, cap=cap)

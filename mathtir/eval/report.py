@@ -110,7 +110,7 @@ def render_report(metrics: dict, *, args, plots: list[Path]) -> str:
     lines += ["", "## Run", "", "| statistic | value |", "|---|---|"]
     for key in ("samples", "samples_with_code", "mean_code_rounds", "executions", "timeouts", "exec_errors",
                 "mean_generated_tokens", "mean_inserted_tokens", "mean_response_tokens", "generation_s",
-                "execution_s", "finish_reasons", "samples_by_attempt", "wall_s", "samples_per_s"):
+                "execution_s", "finish_reasons", "samples_by_attempt", "wall_s", "sampling_s", "samples_per_s"):
         value = run.get(key)
         lines.append(f"| {key} | {json.dumps(value) if isinstance(value, dict) else value} |")
     if metrics.get("unsampled_problems"):

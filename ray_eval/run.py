@@ -1,0 +1,19 @@
+"""Majority-vote TIR evaluation as a Ray job (thin CLI over mathtir.eval.job).
+
+    ray job submit --working-dir . -- python ray_eval/run.py --model DIR --data problems.jsonl --output runs/eval
+    python ray_eval/run.py ...        # no RAY_ADDRESS: an embedded Ray on this machine
+
+`python ray_eval/run.py --help` lists every option.
+"""
+
+import sys
+from pathlib import Path
+
+# Import mathtir from the directory this script came with (a job's uploaded working directory), not from
+# whatever copy happens to be installed in the environment.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mathtir.eval.job import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

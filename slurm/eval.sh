@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+#SBATCH --job-name=mathtir-eval
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --time=04:00:00
+#SBATCH --output=runs/slurm-eval-%j.out
+#
+# Majority-vote TIR evaluation on a Ray cluster started inside this allocation:
+#   sbatch --nodes=3 --gpus-per-node=8 slurm/eval.sh --model ckpt/hf --data test.jsonl --output runs/eval
+# Everything after the script name goes to ray_eval/run.py (see `python ray_eval/run.py --help`).
+#
+# The first EVAL_GPU_NODES nodes (default: 1) host the sampler actors with their GPUs; the remaining nodes
+# host the sandbox actors (custom resource "sandbox", EVAL_SANDBOX_PER_NODE units each). With a single node
+# it hosts both. The Ray head runs on the first node; its dashboard / Jobs API binds to that node's internal
+# address (or EVAL_DASHBOARD_HOST, e.g. 127.0.0.1), never 0.0.0.0. Token authentication is on by default
+# with a fresh token for this job, shared with every Ray process of the job through the environment.
+# Ray is torn down (steps killed by pid) when the driver ends, however it ends.
+#
+# Knobs: EVAL_GPU_NODES, EVAL_SANDBOX_PER_NODE (default: CPUs/4), EVAL_RAY_PORT (default from the job id),
+#        EVAL_DASHBOARD_HOST, EVAL_RAY_AUTH_MODE (token|disabled), EVAL_OBJECT_STORE_MB (default 2048),
+#        MATHTIR_PYTHON / MATHTIR_ROOT (slurm/common.sh).
+set -euo pipefail
+
+if [ -n "${SLURM_JOB_ID:-}" ] && [ -f "${SLURM_SUBMIT_DIR:-.}/slurm/common.sh" ]; then
+  # shellcheck source=slurm/common.sh
+  source "${SLURM_SUBMIT_DIR}/slurm/common.sh"
+else
+  # shellcheck source=slurm/common.sh
+  source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/common.sh"
+fi
+[ -n "${SLURM_JOB_ID:-}" ] || { echo "eval.sh: submit with sbatch (locally: python ray_eval/run.py ...)" >&2; exit 2; }
+
+PYTHON=$(mathtir_python)
+RAY="$(dirname "$PYTHON")/ray"
+[ -x "$RAY" ] || RAY=ray
+mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+GPU_NODES=${EVAL_GPU_NODES:-1}
+CPUS=${SLURM_CPUS_ON_NODE:-$(nproc)}
+SANDBOX_PER_NODE=${EVAL_SANDBOX_PER_NODE:-$(( CPUS / 4 > 0 ? CPUS / 4 : 1 ))}
+GPUS_PER_NODE=0
+if command -v nvidia-smi >/dev/null 2>&1; then GPUS_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); fi
+RAY_PORT=${EVAL_RAY_PORT:-$(( 30000 + SLURM_JOB_ID % 2000 ))}
+DASHBOARD_PORT=$(( RAY_PORT + 2000 ))
+CLIENT_PORT=$(( RAY_PORT + 4000 ))
+HEAD_IP=$(mathtir_master_addr)
+DASHBOARD_HOST=${EVAL_DASHBOARD_HOST:-$HEAD_IP}
+OBJECT_STORE_BYTES=$(( ${EVAL_OBJECT_STORE_MB:-2048} * 1024 * 1024 ))
+# A short per-job temp dir: Ray puts unix sockets under it (107-byte path limit).
+RAY_TMP="/tmp/ray-$SLURM_JOB_ID"
+
+export RAY_AUTH_MODE=${EVAL_RAY_AUTH_MODE:-token}
+if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ]; then
+  RAY_AUTH_TOKEN=$("$PYTHON" -c 'import secrets; print(secrets.token_hex(32))')
+  export RAY_AUTH_TOKEN
+fi
+export RAY_USAGE_STATS_ENABLED=0
+
+# The resources one node offers: samplers need GPUs, sandboxes the "sandbox" resource. A node's IP is its
+# NodeAddr (emulated nodes share a hostname), which is also what Ray binds.
+node_args() {
+  local index=$1 node=$2 ip
+  ip=$(scontrol show node "$node" --oneliner | tr ' ' '\n' | sed -n 's/^NodeAddr=//p')
+  local args=("--node-ip-address=$ip" "--num-cpus=$CPUS" "--temp-dir=$RAY_TMP-$index"
+              "--object-store-memory=$OBJECT_STORE_BYTES" "--disable-usage-stats")
+  if [ "$index" -lt "$GPU_NODES" ]; then
+    args+=("--num-gpus=$GPUS_PER_NODE")
+    # With one node it hosts the sandboxes as well.
+    if [ "${#NODES[@]}" -eq 1 ]; then args+=("--resources={\"sandbox\": $SANDBOX_PER_NODE}"); fi
+  else
+    args+=("--num-gpus=0" "--resources={\"sandbox\": $SANDBOX_PER_NODE}")
+  fi
+  printf '%s\n' "${args[@]}"
+}
+
+STEP_PIDS=()
+teardown() {
+  local pid
+  for pid in "${STEP_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${STEP_PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+trap teardown EXIT
+
+mapfile -t HEAD_ARGS < <(node_args 0 "${NODES[0]}")
+echo "eval.sh: Ray head on ${NODES[0]} ($HEAD_IP:$RAY_PORT), dashboard $DASHBOARD_HOST:$DASHBOARD_PORT," \
+     "${#NODES[@]} node(s), $GPU_NODES sampler node(s), $SANDBOX_PER_NODE sandbox unit(s) per sandbox node"
+srun --nodes=1 --ntasks=1 --overlap -w "${NODES[0]}" \
+  "$RAY" start --head --block --port="$RAY_PORT" --dashboard-host="$DASHBOARD_HOST" \
+  --dashboard-port="$DASHBOARD_PORT" --ray-client-server-port="$CLIENT_PORT" "${HEAD_ARGS[@]}" &
+STEP_PIDS+=($!)
+
+export RAY_ADDRESS="$HEAD_IP:$RAY_PORT"
+wait_for_nodes() {
+  local want=$1 deadline=$(( SECONDS + 300 ))
+  until "$PYTHON" - "$want" <<'PY' 2>/dev/null
+import sys, ray
+ray.init(logging_level="ERROR")
+alive = sum(n["Alive"] for n in ray.nodes())
+sys.exit(0 if alive >= int(sys.argv[1]) else 1)
+PY
+  do
+    [ "$SECONDS" -lt "$deadline" ] || { echo "eval.sh: fewer than $want Ray node(s) after 300 s" >&2; exit 1; }
+    sleep 5
+  done
+}
+wait_for_nodes 1
+
+for index in $(seq 1 $(( ${#NODES[@]} - 1 ))); do
+  mapfile -t WORKER_ARGS < <(node_args "$index" "${NODES[$index]}")
+  srun --nodes=1 --ntasks=1 --overlap -w "${NODES[$index]}" \
+    "$RAY" start --block --address="$RAY_ADDRESS" "${WORKER_ARGS[@]}" &
+  STEP_PIDS+=($!)
+done
+wait_for_nodes "${#NODES[@]}"
+echo "eval.sh: all ${#NODES[@]} Ray node(s) joined; starting the evaluation driver"
+
+"$PYTHON" ray_eval/run.py "$@"
