@@ -304,6 +304,7 @@ if pytest is not None:
 
     @pytest.fixture(scope="module")
     def slurm_cluster():
-        """A running LocalSlurmCluster for the test module (fails, never skips, when Slurm is missing)."""
-        with LocalSlurmCluster() as cluster:
+        """A running two-node LocalSlurmCluster for the test module (fails, never skips, when Slurm is
+        missing). Each emulated node offers all of this machine's CPUs; jobs on both share the real cores."""
+        with LocalSlurmCluster(nodes=2) as cluster:
             yield cluster
