@@ -24,11 +24,12 @@ def main() -> int:
 
     from mathtir import distributed
     from mathtir.models.conversion import resolve_root
-    from mathtir.models.llama import UnsupportedModelError
+    from mathtir.models.llama import ModelSpec, UnsupportedModelError
     from mathtir.models.parity import identity_checks, logits_parity
 
     try:
         root, _ = resolve_root(args.ckpt)
+        ModelSpec.from_dir(root).check_parallel(args.tp, 1)
         checks = identity_checks(args.hf_dir, root)
     except (FileNotFoundError, ValueError, UnsupportedModelError) as e:
         print(f"verify: error: {e}", file=sys.stderr)

@@ -1,0 +1,147 @@
+"""Conversion speed and memory against the floor: a raw safetensors read+write copy of the same bytes.
+
+    python bench/convert.py [--synthetic-layers 16] [--work DIR]
+
+Models: the real SmolLM2-135M (bf16) and a synthetic Llama (~1B parameters with the default 16 layers,
+bf16) written to safetensors. Each operation runs in a fresh process (so page-cache and allocator state
+from one does not flatter the next) and reports its own time and peak RSS above the process's baseline
+after imports (the kernel's VmHWM, reset before the operation; torch_dist's writer processes are forked and
+share the model's pages, so they add no copy). Targets (issue 4): time <= 2x the floor; peak RSS <= model size / TP + 2x the largest tensor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+GiB = 1024**3
+
+
+def synthetic_config(layers: int) -> dict:
+    """Llama-shaped, ~1B parameters at 16 layers (hidden 2048, GQA 32/8, SwiGLU 5632, vocab 32000)."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000, "hidden_size": 2048,
+        "intermediate_size": 5632, "num_hidden_layers": layers, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "dtype": "bfloat16",
+    }
+
+
+def write_synthetic(out: Path, layers: int) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    from mathtir.models.llama import ModelSpec
+    from mathtir.models.mapping import expected_hf_shapes
+
+    if (out / "model.safetensors").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = synthetic_config(layers)
+    gen = torch.Generator().manual_seed(0)
+    tensors = {name: (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+               for name, shape in expected_hf_shapes(ModelSpec.from_hf_config(cfg)).items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _reset_peak_rss() -> int:
+    """Restart the kernel's peak-RSS counter (VmHWM) at the current RSS, so import-time peaks do not count."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kib("VmRSS")
+
+
+def run_operation(op: str, src: Path, dst: Path) -> dict:
+    """Inside a fresh process: everything imported first, then one timed operation."""
+    # Imports count toward the baseline, not the operation (the RoPE check imports transformers' Llama).
+    import torch
+    import transformers.models.llama.modeling_llama  # noqa: F401
+    from safetensors.torch import load_file, save_file
+
+    from mathtir import distributed
+    from mathtir.models import conversion
+
+    distributed.initialize(1, 1, seed=0)
+    baseline = _reset_peak_rss()
+    start = time.perf_counter()
+    if op == "floor":
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in sorted(src.glob("*.safetensors")):
+            save_file(load_file(str(f)), str(dst / f.name), metadata={"format": "pt"})
+    elif op == "import":
+        conversion.import_hf(src, dst, dtype=torch.bfloat16, tp=1, pp=1)
+    elif op == "export":
+        conversion.export_hf(src, dst)
+    seconds = time.perf_counter() - start
+    distributed.destroy()
+    return {"seconds": seconds, "peak_rss_above_baseline": _status_kib("VmHWM") - baseline, "baseline_rss": baseline}
+
+
+def measure(op: str, src: Path, dst: Path) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--op", op, str(src), str(dst)], capture_output=True,
+                          text=True, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{op} {src} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def model_bytes(hf_dir: Path) -> tuple[int, int]:
+    from mathtir.models.conversion import HFWeights
+
+    weights = HFWeights(hf_dir)
+    sizes = [math.prod(weights.shape(n)) * 2 for n in weights.file_of]  # bf16
+    return sum(sizes), max(sizes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--synthetic-layers", type=int, default=16)
+    parser.add_argument("--work", type=Path, default=None, help="scratch dir (default: a temp dir)")
+    parser.add_argument("--op", help=argparse.SUPPRESS)
+    parser.add_argument("paths", nargs="*", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.op:
+        print(json.dumps(run_operation(args.op, *args.paths)))
+        return
+
+    from mathtir.models.smollm2 import materialize
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="mathtir-bench-convert-"))
+    models = {
+        "smollm2-135m": materialize(Path.home() / ".cache" / "mathtir" / "smollm2-135m-instruct"),
+        f"synthetic-{args.synthetic_layers}L": write_synthetic(work / "synthetic", args.synthetic_layers),
+    }
+    tp = 1
+    print(f"{'model':<16} {'op':<7} {'seconds':>8} {'x floor':>8} {'peak RSS':>9} {'RSS target':>10}  verdict")
+    for name, hf_dir in models.items():
+        size, largest = model_bytes(hf_dir)
+        rss_target = size / tp + 2 * largest
+        floor = measure("floor", hf_dir, work / name / "floor")
+        imported = measure("import", hf_dir, work / name / "ckpt")
+        exported = measure("export", work / name / "ckpt", work / name / "export")
+        print(f"# {name}: {size / GiB:.2f} GiB bf16, largest tensor {largest / GiB:.3f} GiB, TP={tp}")
+        for op, r in (("floor", floor), ("import", imported), ("export", exported)):
+            ratio = r["seconds"] / floor["seconds"]
+            rss = r["peak_rss_above_baseline"]
+            ok = op == "floor" or (ratio <= 2.0 and rss <= rss_target)
+            verdict = "" if op == "floor" else ("ok" if ok else "MISSES TARGET")
+            print(f"{name:<16} {op:<7} {r['seconds']:>8.2f} {ratio:>8.2f} {rss / GiB:>8.2f}G "
+                  f"{rss_target / GiB:>9.2f}G  {verdict}")
+
+if __name__ == "__main__":
+    main()
