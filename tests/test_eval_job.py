@@ -381,3 +381,59 @@ def test_killed_sandbox_actor_is_replaced(ray_head, start_driver, tir_tiny_dir, 
     assert all("```output\n" in r["text"] for r in later)
     sandbox = json.loads((out / "metrics.json").read_text())["run"]["sandbox"]
     assert sandbox["executions"] >= len(later)
+
+
+def test_openai_backend_against_a_local_completions_server(tir_sampler, sandbox_executor):
+    """The OpenAI-compatible adapter + the TIR loop in text mode. The server (the tiny model behind
+    /v1/completions) behaves like OpenAI's: the matched stop string is cut from the text, finish_reason is
+    "stop" for both a stop string and eos, and there is no stop_reason."""
+    import http.server
+    import threading
+
+    from mathtir.eval.openai_sampler import OpenAISampler
+
+    requests_seen, replies = [], []
+
+    class Completions(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            requests_seen.append(body)
+            ids = tir_sampler.tokenizer.encode(body["prompt"], add_special_tokens=True)
+            gen = asyncio.run(tir_sampler.generate(GenerationRequest(
+                prompt_ids=ids, prompt_text="", max_new_tokens=body["max_tokens"], stop=tuple(body.get("stop", ())),
+                temperature=body["temperature"], top_p=body["top_p"], seed=body["seed"])))
+            text = gen.text
+            for stop in body.get("stop", ()):
+                if gen.finish_reason == "stop" and text.endswith(stop):
+                    text = text[: -len(stop)]
+            reply = {"choices": [{"text": text, "finish_reason": "length" if gen.finish_reason == "length"
+                                  else "stop"}], "usage": {"completion_tokens": gen.num_tokens}}
+            replies.append(reply)
+            data = json.dumps(reply).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Completions)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        sampler = OpenAISampler(f"http://127.0.0.1:{server.server_port}/v1", "tiny", dialect="tir")
+        record = asyncio.run(run_sample(
+            PROBLEMS[0], 0, sampler=sampler, executor=sandbox_executor, tokenizer=tir_sampler.tokenizer,
+            template=get_template("chat", tokenizer=tir_sampler.tokenizer), dialect=get_dialect("tir"),
+            output_format=OutputFormat(), config=TIRConfig(max_tokens=200, temperature=0.0)))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert record.text == memorized_response("print(6*7)", "42", "")
+    assert record.code_rounds == 1 and record.correct and record.finish_reason == "eos"
+    output_block = "```output\n42\n```\n"
+    assert record.inserted_tokens == len(tir_sampler.tokenizer.encode(output_block, add_special_tokens=False))
+    assert len(requests_seen) == 2 and requests_seen[1]["prompt"].endswith(output_block)
+    # the second round's budget = 200 - (round-1 tokens, as the server counted them) - the inserted block
+    assert requests_seen[1]["max_tokens"] == 200 - replies[0]["usage"]["completion_tokens"] - record.inserted_tokens
