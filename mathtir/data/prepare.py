@@ -2,13 +2,13 @@
 
 Two phases, so that a Slurm array job can run the first one in parallel:
 
-1. ``prepare_part(cfg, part, num_parts)`` reads every num_parts-th record and runs the per-record steps, in
-   worker processes: field mapping, mode selection, rendering (mathtir.formats), structural filters, answer
-   check (mathtir.answers), decontamination, tokenization (the HF fast tokenizer of ``cfg.tokenizer``),
-   over-length drop; then, in the main process, execution verification through the sandbox. Surviving
-   documents go to ``<out>/parts/part_I-of-N.arrow`` (Arrow IPC, memory-mapped by the merge), every dropped
-   record to ``part_I-of-N.dropped.jsonl`` and the counts to ``part_I-of-N.json`` (written last: its presence
-   marks the part done, so a rerun skips it).
+1. ``prepare_part(cfg, part, num_parts)`` reads every num_parts-th record and runs the per-record steps in
+   ``workers`` processes, each on its own slice: field mapping, mode selection, rendering (mathtir.formats),
+   structural filters, answer check (mathtir.answers), decontamination, tokenization (the HF fast tokenizer
+   of ``cfg.tokenizer``), over-length drop, execution verification through the sandbox. Surviving documents
+   go to ``<out>/parts/part_I-of-N.sliceW.arrow`` (Arrow IPC, memory-mapped by the merge), every dropped
+   record to ``part_I-of-N.sliceW.dropped.jsonl``, and the part's counts to ``part_I-of-N.json`` (written
+   last: its presence marks the part done, so a rerun skips it).
 2. ``merge(cfg, num_parts)`` puts all documents back in input order (so the result does not depend on
    num_parts), removes exact and near duplicates, packs (minimum bin slack), writes the shards, the
    manifest, ``dropped.jsonl`` and ``report.md``.
@@ -23,7 +23,7 @@ import json
 import multiprocessing
 import os
 import sys
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -48,7 +48,7 @@ from mathtir.data.readers import (
     iter_rows,
 )
 
-PART_FORMAT = 1  # bump when a part's files change meaning: parts written by other code are redone
+PART_FORMAT = 2  # bump when a part's files change meaning: parts written by other code are redone
 PART_SCHEMA = pa.schema([
     ("source", pa.int32()),
     ("index", pa.int64()),
@@ -232,26 +232,6 @@ def _tokens_starting_in(encoding, a: int, b: int, text_length: int) -> tuple[int
 _PROCESSOR: RecordProcessor | None = None  # set before forking; the workers inherit it
 
 
-def _process_in_worker(records: list[Record]) -> list[Document | Drop]:
-    assert _PROCESSOR is not None
-    return _PROCESSOR(records)
-
-
-def _ordered_map(fn: Callable, items: Iterable, pool, in_flight: int) -> Iterator:
-    """fn over items in the worker pool (in-process without one), results in input order, at most in_flight
-    tasks submitted at once (a plain Pool.imap would read the whole input ahead and grow memory with it)."""
-    if pool is None:
-        yield from map(fn, items)
-        return
-    pending: deque = deque()
-    for item in items:
-        pending.append(pool.apply_async(fn, (item,)))
-        if len(pending) >= in_flight:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Inputs, tokenizer, evaluation sets
 # ------------------------------------------------------------------------------------------------------------
@@ -362,7 +342,12 @@ def _doc_batch(docs: list[Document]) -> pa.RecordBatch:
 
 
 def prepare_part(cfg: DictConfig, part: int = 0, num_parts: int = 1) -> dict:
-    """Phase 1 for records part, part+num_parts, ...; returns the part's counts (reused when already done)."""
+    """Phase 1 for records part, part+num_parts, ...; returns the part's counts (reused when already done).
+
+    The part runs as ``workers`` processes, each reading, filtering, tokenizing, verifying and writing its own
+    slice of the part's records (slice w of a part = every (num_parts*workers)-th record from
+    part + num_parts*w): no records or token arrays travel between processes.
+    """
     if not 0 <= part < num_parts:
         raise ValueError(f"part {part} is not in [0, {num_parts})")
     parts_dir = Path(cfg.output_dir) / "parts"
@@ -377,34 +362,57 @@ def prepare_part(cfg: DictConfig, part: int = 0, num_parts: int = 1) -> dict:
         _log(f"{stem}: written with another config or input, redoing it")
     parts_dir.mkdir(parents=True, exist_ok=True)
 
-    inputs = resolve_inputs(cfg)
+    resolve_inputs(cfg)  # fail on a missing input before starting anything
     tokenizer = load_tokenizer(cfg.tokenizer)
     global _PROCESSOR
     _PROCESSOR = RecordProcessor(cfg, tokenizer, load_decontamination(cfg))
     workers = cfg.workers or len(os.sched_getaffinity(0))  # the CPUs this job may use (Slurm cpusets)
-    if workers > 1:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one Rust thread per worker process: no oversubscription
+    sandbox_workers = max(1, cfg.verify.workers // workers)  # verify.workers is the part's total
+    slices = [(stem, part + num_parts * w, num_parts * workers, w, sandbox_workers) for w in range(workers)]
+    if workers == 1:
+        results = [_prepare_slice(cfg, *slices[0])]
+    else:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one Rust thread per process: no oversubscription
+        # fork: the processes inherit the loaded tokenizer and the decontamination index
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            results = [r.get() for r in [pool.apply_async(_prepare_slice, (cfg, *args)) for args in slices]]
+    counts: Counter = Counter()
+    for result in results:
+        counts.update(result)
+    done = {"fingerprint": config_id, "part_format": PART_FORMAT, "part": part, "num_parts": num_parts,
+            "slices": workers, "counts": dict(counts), "tokenizer": tokenizer_identity(cfg.tokenizer, tokenizer)}
+    tmp = done_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(done, indent=1))
+    tmp.replace(done_path)  # last: its presence marks the part done
+    _log(f"{stem}: done: {counts['records_read']} records, {counts['documents']} documents kept")
+    return done
 
+
+def _slice_stem(stem: str, worker: int) -> str:
+    return f"{stem}.slice{worker:03d}"
+
+
+def _prepare_slice(cfg: DictConfig, stem: str, slice_index: int, num_slices: int, worker: int,
+                   sandbox_workers: int) -> dict:
+    """One process of a part: records slice_index, slice_index+num_slices, ... -> its Arrow and drop files."""
+    assert _PROCESSOR is not None
+    parts_dir = Path(cfg.output_dir) / "parts"
+    name = _slice_stem(stem, worker)
     counts: Counter = Counter()
     invalid: list[Drop] = []
-    tmp_docs = parts_dir / f"{stem}.arrow.tmp"
-    tmp_drops = parts_dir / f"{stem}.dropped.jsonl.tmp"
-    records = iter_records(inputs, FieldMap(**cfg.fields), part=part, num_parts=num_parts)
-    # Fork the workers first, while this process has no threads (the sandbox pool starts some).
-    workers_pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
-    sandbox = _open_sandbox(cfg) if cfg.verify.enabled else None
+    tmp_docs, tmp_drops = parts_dir / f"{name}.arrow.tmp", parts_dir / f"{name}.dropped.jsonl.tmp"
+    records = iter_records(resolve_inputs(cfg), FieldMap(**cfg.fields), part=slice_index, num_parts=num_slices)
+    sandbox = _open_sandbox(cfg, sandbox_workers) if cfg.verify.enabled else None
     try:
         with pa.OSFile(str(tmp_docs), "wb") as sink, pa.ipc.new_file(sink, PART_SCHEMA) as writer, \
                 open(tmp_drops, "w", encoding="utf-8") as drops_file, \
-                ThreadPoolExecutor(max_workers=cfg.verify.workers) as executor:
+                ThreadPoolExecutor(max_workers=sandbox_workers) as executor:
             def emit_drop(drop: Drop) -> None:
                 counts[drop.reason] += 1
                 drops_file.write(drop.as_json() + "\n")
 
-            batches = _batches(records, cfg.batch_size, cfg.skip_invalid, invalid)
-            for number, results in enumerate(_ordered_map(_process_in_worker, batches, workers_pool, 2 * workers), start=1):
-                while invalid:
-                    emit_drop(invalid.pop(0))
+            for number, batch in enumerate(_batches(records, cfg.batch_size, cfg.skip_invalid, invalid), start=1):
+                results = _PROCESSOR(batch)
                 counts["records_read"] += len(results)
                 docs = [r for r in results if isinstance(r, Document)]
                 for r in results:
@@ -417,30 +425,22 @@ def prepare_part(cfg: DictConfig, part: int = 0, num_parts: int = 1) -> dict:
                 if docs:
                     writer.write_batch(_doc_batch(docs))
                 if number % 50 == 0:
-                    _log(f"{stem}: {counts['records_read']} records, {counts['documents']} kept")
-            while invalid:
-                emit_drop(invalid.pop(0))
+                    _log(f"{name}: {counts['records_read']} records, {counts['documents']} kept")
+            for drop in invalid:
+                emit_drop(drop)
     finally:
-        if workers_pool is not None:
-            workers_pool.terminate()
         if sandbox is not None:
             sandbox.__exit__(None, None, None)
     counts["records_read"] += counts["invalid"]
-    tmp_docs.replace(parts_dir / f"{stem}.arrow")
-    tmp_drops.replace(parts_dir / f"{stem}.dropped.jsonl")
-    done = {"fingerprint": config_id, "part_format": PART_FORMAT, "part": part, "num_parts": num_parts,
-            "counts": dict(counts), "tokenizer": tokenizer_identity(cfg.tokenizer, tokenizer)}
-    tmp = done_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(done, indent=1))
-    tmp.replace(done_path)
-    _log(f"{stem}: done: {counts['records_read']} records, {counts['documents']} documents kept")
-    return done
+    tmp_docs.replace(parts_dir / f"{name}.arrow")
+    tmp_drops.replace(parts_dir / f"{name}.dropped.jsonl")
+    return dict(counts)
 
 
-def _open_sandbox(cfg: DictConfig):
+def _open_sandbox(cfg: DictConfig, workers: int):
     from mathtir.sandbox import SandboxPool
 
-    pool = SandboxPool(cfg.verify.workers, memory_mb=cfg.verify.memory_mb, allow_degraded=cfg.verify.allow_degraded)
+    pool = SandboxPool(workers, memory_mb=cfg.verify.memory_mb, allow_degraded=cfg.verify.allow_degraded)
     pool.__enter__()
     return pool
 
@@ -505,6 +505,7 @@ def merge(cfg: DictConfig, num_parts: int = 1) -> dict:
     config_id = fingerprint(cfg)
     part_counts: Counter = Counter()
     identity = None
+    stems: list[str] = []  # one per slice file pair, over all parts
     for part in range(num_parts):
         done_path = parts_dir / f"{_part_stem(part, num_parts)}.json"
         if not done_path.is_file():
@@ -514,8 +515,8 @@ def merge(cfg: DictConfig, num_parts: int = 1) -> dict:
             raise DataError(f"{done_path}: part {part} was prepared with another config or input; redo it")
         part_counts.update(done["counts"])
         identity = identity or done["tokenizer"]
+        stems += [_slice_stem(_part_stem(part, num_parts), w) for w in range(done["slices"])]
 
-    stems = [_part_stem(p, num_parts) for p in range(num_parts)]
     store = _DocStore([parts_dir / f"{s}.arrow" for s in stems])
     refs = store.refs()
     sources = np.array(store.column("source"), dtype=np.int64)
