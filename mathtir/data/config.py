@@ -46,7 +46,7 @@ class FiltersConfig:
 @dataclass
 class VerifyConfig:
     enabled: bool = False  # re-run every code block through the sandbox and compare the recorded outputs
-    workers: int = 2  # sandbox workers
+    workers: int = 2  # sandbox workers per part, shared out over its processes (at least one each)
     timeout_s: float = 10.0  # per code block
     memory_mb: int = 1024
     float_rel_tol: float = 1e-6  # numbers in outputs compare with this relative tolerance
