@@ -1,4 +1,4 @@
-"""The trainer on CPU (gloo, 2 ranks): parallel layouts agree, SmolLM2 learns, bad input fails clearly.
+"""The trainer on CPU (gloo, 2 ranks): parallel layouts (TP, DP, PP, interleaved PP) agree, SmolLM2 learns, bad input fails clearly.
 
 torchrun launches cost ~7 s each, so one launch of this file (see `__main__` at the bottom) runs several
 trainings in a row, each with its own recipe overrides; the tests read the JSON step records it prints.
@@ -80,15 +80,26 @@ def torchrun(args: list[str], *, nproc: int = 2, timeout: int = 600) -> subproce
 # Fixed paths under the session's base temp dir: test_train_slurm.py imports these fixtures too, and the
 # second module then finds the files instead of building them again.
 @pytest.fixture(scope="session")
-def tiny_init(tmp_path_factory, tiny_llama_dir) -> Path:
-    return make_random_init_checkpoint(tiny_llama_dir, tmp_path_factory.getbasetemp() / "tiny_init")
+def tiny_llama4_dir(tmp_path_factory, smollm2_hf_dir) -> Path:
+    """The tiny random Llama with 4 layers instead of 2, so that PP=2 x VP=2 has a layer per stage."""
+    from mathtir.models.toy import write_toy_llama
+
+    out = tmp_path_factory.getbasetemp() / "tiny_llama4"
+    if not (out / "config.json").is_file():
+        write_toy_llama(out, tokenizer_from=smollm2_hf_dir, num_hidden_layers=4)
+    return out
 
 
 @pytest.fixture(scope="session")
-def tiny_shards(tmp_path_factory, tiny_llama_dir) -> Path:
+def tiny_init(tmp_path_factory, tiny_llama4_dir) -> Path:
+    return make_random_init_checkpoint(tiny_llama4_dir, tmp_path_factory.getbasetemp() / "tiny_init")
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory, tiny_llama4_dir) -> Path:
     out = tmp_path_factory.getbasetemp() / "tiny_shards"
     if not (out / "manifest.json").is_file():
-        vocab = json.loads((tiny_llama_dir / "config.json").read_text())["vocab_size"]
+        vocab = json.loads((tiny_llama4_dir / "config.json").read_text())["vocab_size"]
         docs = random_documents(160, vocab=vocab, seq_length=128, seed=0)
         write_packed_shards(out, docs, seq_length=128, pad_id=2)
     return out
@@ -131,12 +142,15 @@ LAYOUTS = {
     "dp2": ["model.tensor_model_parallel_size=1", "model.sequence_parallel=false"],
     "pp2": ["model.tensor_model_parallel_size=1", "model.sequence_parallel=false",
             "model.pipeline_model_parallel_size=2"],
+    # the interleaved schedule (two model chunks per pipeline rank)
+    "pp2_vp2": ["model.tensor_model_parallel_size=1", "model.sequence_parallel=false",
+                "model.pipeline_model_parallel_size=2", "model.virtual_pipeline_model_parallel_size=2"],
 }
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_init, tiny_shards, smollm2_init, smollm2_shards) -> dict[str, list[dict]]:
-    """One 2-rank launch: the tiny model in three layouts, then SmolLM2 (TP=1, DP=2, distributed optimizer)."""
+    """One 2-rank launch: the tiny model in four layouts (plus a resume at another layout), then SmolLM2 (TP=1, DP=2, distributed optimizer)."""
     work = tmp_path_factory.mktemp("runs")
     common = [f"model.init_from={tiny_init}", f"data.train_dir={tiny_shards}", "trainer.max_steps=4",
               "model.global_batch_size=4", "model.micro_batch_size=1", "checkpoint.save_every_n_steps=0"]
@@ -169,11 +183,12 @@ def test_tp_dp_pp_layouts_give_the_same_losses(runs):
                                rtol=0, atol=1e-6)
     losses = {name: [r["loss"] for r in records] for name, records in layout_runs.items()}
     assert all(len(v) == 4 for v in losses.values()), losses
-    for name in ("dp2", "pp2"):
+    for name in ("dp2", "pp2", "pp2_vp2"):
         np.testing.assert_allclose(losses[name], losses["tp2"], rtol=0, atol=1e-4, err_msg=name)
     grad_norms = {name: [r["grad_norm"] for r in records] for name, records in layout_runs.items()}
     np.testing.assert_allclose(grad_norms["pp2"], grad_norms["tp2"], rtol=1e-3)
     np.testing.assert_allclose(grad_norms["dp2"], grad_norms["tp2"], rtol=1e-3)
+    np.testing.assert_allclose(grad_norms["pp2_vp2"], grad_norms["tp2"], rtol=1e-3)
     # The loss moves (the steps really update the weights) and every record has the logged fields.
     assert losses["tp2"][-1] < losses["tp2"][0]
     for key in ("lr", "grad_norm", "tokens_per_s", "trained_tokens", "memory_gb", "mfu"):
