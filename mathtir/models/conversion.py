@@ -53,30 +53,32 @@ class _SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
 
-    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+    def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
+        """Rows [start, stop) of tensor `name` into `out` (converted if `out` has another dtype)."""
         entry = self.entries[name]
         if entry["dtype"] not in _SAFETENSORS_DTYPES:
             raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
-        dtype, shape = _SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"]
-        row_numel = 1
-        for dim in shape[1:]:
-            row_numel *= dim
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        begin, end = entry["data_offsets"]
-        if (end - begin) != row_numel * (shape[0] if shape else 1) * itemsize:
-            raise ValueError(f"{self.path}: tensor {name!r}: data size does not match shape {shape}")
+        dtype, shape = _SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"])
         if not shape:
-            start, stop = 0, 1
-        out = torch.empty((stop - start) * row_numel, dtype=dtype)
-        view = memoryview(out.view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
-        offset = self.data_start + begin + start * row_numel * itemsize
+            raise ValueError(f"{self.path}: tensor {name!r} is a scalar, not a weight matrix or vector")
+        if tuple(out.shape) != (stop - start, *shape[1:]) or not 0 <= start <= stop <= shape[0]:
+            raise ValueError(f"{self.path}: rows {start}:{stop} of tensor {name!r} {tuple(entry['shape'])} do "
+                             f"not fit the destination {tuple(out.shape)}")
+        row_bytes = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
+        begin, end = entry["data_offsets"]
+        if end - begin != row_bytes * shape[0]:
+            raise ValueError(f"{self.path}: tensor {name!r}: data size does not match shape {list(shape)}")
+        target = out if out.dtype == dtype and out.is_contiguous() else torch.empty(out.shape, dtype=dtype)
+        view = memoryview(target.view(-1).view(torch.uint8).numpy()) if target.numel() else memoryview(b"")
+        offset = self.data_start + begin + start * row_bytes
         with open(self.path, "rb", buffering=0) as f:
             while view.nbytes:
                 got = os.preadv(f.fileno(), [view], offset)
                 if got <= 0:
                     raise ValueError(f"{self.path}: truncated while reading tensor {name!r}")
                 view, offset = view[got:], offset + got
-        return out.reshape(stop - start, *shape[1:]) if shape else out.reshape(())
+        if target is not out:
+            out.copy_(target)
 
 
 class HFWeights:
@@ -113,8 +115,14 @@ class HFWeights:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._file(name).shape(name)
 
-    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self._file(name).rows(name, start, stop)
+    def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
+        self._file(name).read_rows(name, start, stop, out)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        file = self._file(name)
+        out = torch.empty(self.shape(name), dtype=_SAFETENSORS_DTYPES[file.entries[name]["dtype"]])
+        file.read_rows(name, 0, out.shape[0], out)
+        return out
 
     def check_against(self, spec: ModelSpec) -> None:
         """Every tensor the config implies exists with the implied shape, and nothing unexplained is left."""
@@ -129,8 +137,7 @@ class HFWeights:
                 )
         extra = [n for n in self.file_of if n not in expected and not mapping.IGNORED_HF_TENSORS.fullmatch(n)]
         if spec.tie_word_embeddings and "lm_head.weight" in extra:
-            same = torch.equal(self.rows("lm_head.weight", 0, spec.vocab_size),
-                               self.rows("model.embed_tokens.weight", 0, spec.vocab_size))
+            same = torch.equal(self.tensor("lm_head.weight"), self.tensor("model.embed_tokens.weight"))
             if same:
                 extra.remove("lm_head.weight")
         if extra:
@@ -157,12 +164,7 @@ def import_hf(hf_dir: str | Path, out_root: str | Path, *, dtype: torch.dtype, t
         for chunk in chunks:
             for local_name, param in chunk.named_parameters():
                 rule, layer = mapping.match_megatron(_global_name(chunk, local_name))
-                shard = mapping.import_shard(rule, spec, layer, weights.rows, tp=tp, tp_rank=tp_rank,
-                                             num_rows=lambda n: weights.shape(n)[0])
-                if tuple(shard.shape) != tuple(param.shape):
-                    raise ValueError(f"{hf_dir}: {mapping.hf_names(rule, spec, layer)} -> {local_name}: "
-                                     f"shape {tuple(shard.shape)} but megatron expects {tuple(param.shape)}")
-                param.copy_(shard.to(dtype))
+                mapping.import_shard(rule, spec, layer, weights, param.data, tp=tp, tp_rank=tp_rank)
     hf_config = dict(spec.hf_config)
     hf_config["dtype"] = _DTYPE_NAMES[dtype]
     hf_config.pop("torch_dtype", None)

@@ -2,8 +2,8 @@
 
 Each `Rule` names a megatron parameter, the HF tensor(s) it is made of, how they combine (`transform`) and
 the axis megatron splits it along under tensor parallelism (`tp_axis`, None = replicated). Import reads,
-per TP rank, only the slices of the HF tensors that rank owns (safetensors memory-mapped slices); export
-inverts the transform on the full (TP=1) megatron tensor.
+per TP rank, only the rows of the HF tensors that rank owns, straight into the parameter; export inverts
+the transform on the full (TP=1) megatron tensor.
 
 Layouts (verified in shared/notes/megatron-on-cpu.md):
 * `qkv`: megatron's fused QKV weight interleaves per query group: for each of the ng groups, its nh/ng query
@@ -16,8 +16,8 @@ HF q/k already use the rotate-half RoPE layout megatron expects: no permutation.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -101,8 +101,12 @@ def expected_hf_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-# A reader returns rows [start, stop) of an HF tensor (all columns): what safetensors slices cheaply.
-RowReader = Callable[[str, int, int], torch.Tensor]
+class RowSource(Protocol):
+    """Where import reads HF tensors from: shapes, and row ranges written straight into a destination."""
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor) -> None: ...
 
 
 def _chunk_bounds(n: int, tp: int, rank: int) -> tuple[int, int]:
@@ -110,44 +114,55 @@ def _chunk_bounds(n: int, tp: int, rank: int) -> tuple[int, int]:
     return rank * size, (rank + 1) * size
 
 
-def import_shard(rule: Rule, spec: ModelSpec, layer: int | None, read_rows: RowReader, *,
-                 tp: int, tp_rank: int, num_rows: Callable[[str], int]) -> torch.Tensor:
-    """The megatron tensor of `rule` as TP rank `tp_rank` holds it, reading only the rows it owns."""
+def import_shard(rule: Rule, spec: ModelSpec, layer: int | None, source: RowSource, out: torch.Tensor, *,
+                 tp: int, tp_rank: int) -> None:
+    """Fill `out` (the megatron parameter as TP rank `tp_rank` holds it) from the rows of the HF tensors that
+    rank owns. Every row-split layout is a list of contiguous row blocks of `out`, read in place."""
     names = hf_names(rule, spec, layer)
     if rule.transform == QKV:
         q_name, k_name, v_name = names
-        ng, hd = spec.num_kv_heads, spec.head_dim
-        q_per_group = spec.num_attention_heads // ng
-        g0, g1 = _chunk_bounds(ng, tp, tp_rank)
-        q = read_rows(q_name, g0 * q_per_group * hd, g1 * q_per_group * hd)
-        k = read_rows(k_name, g0 * hd, g1 * hd)
-        v = read_rows(v_name, g0 * hd, g1 * hd)
-        groups = g1 - g0
-        q = q.reshape(groups, q_per_group * hd, -1)
-        k = k.reshape(groups, hd, -1)
-        v = v.reshape(groups, hd, -1)
-        return torch.cat([q, k, v], dim=1).reshape(groups * (q_per_group + 2) * hd, -1)
-    if rule.transform == GATED:
+        hd, q_per_group = spec.head_dim, spec.num_attention_heads // spec.num_kv_heads
+        g0, g1 = _chunk_bounds(spec.num_kv_heads, tp, tp_rank)
+        row = 0
+        for g in range(g0, g1):  # per query group: its q heads, its k head, its v head
+            for name, first, count in ((q_name, g * q_per_group * hd, q_per_group * hd),
+                                       (k_name, g * hd, hd), (v_name, g * hd, hd)):
+                source.read_rows(name, first, first + count, out[row:row + count])
+                row += count
+        _expect_rows(out, row, names)
+    elif rule.transform == GATED:
         gate_name, up_name = names
         start, stop = _chunk_bounds(spec.ffn_hidden_size, tp, tp_rank)
-        return torch.cat([read_rows(gate_name, start, stop), read_rows(up_name, start, stop)], dim=0)
+        _expect_rows(out, 2 * (stop - start), names)
+        source.read_rows(gate_name, start, stop, out[: stop - start])
+        source.read_rows(up_name, start, stop, out[stop - start:])
+    else:
+        (name,) = names
+        rows = source.shape(name)[0]
+        if rule.tp_axis is None:
+            source.read_rows(name, 0, rows, out)
+        elif rule.tp_axis == 1:  # column split: whole rows are read, this rank's columns kept
+            full = torch.empty((rows, *source.shape(name)[1:]), dtype=out.dtype)
+            source.read_rows(name, 0, rows, full)
+            start, stop = _chunk_bounds(full.shape[1], tp, tp_rank)
+            if out.shape != full[:, start:stop].shape:
+                raise ValueError(f"{name}: columns {start}:{stop} of {tuple(full.shape)} do not fit {tuple(out.shape)}")
+            out.copy_(full[:, start:stop])
+        elif rule.vocab_padded:  # this rank's rows of the padded vocabulary; padding rows are zero
+            start, stop = _chunk_bounds(spec.padded_vocab_size(tp), tp, tp_rank)
+            _expect_rows(out, stop - start, names)
+            real_stop = min(stop, spec.vocab_size)
+            if real_stop > start:
+                source.read_rows(name, start, real_stop, out[: real_stop - start])
+            out[max(real_stop - start, 0):].zero_()
+        else:
+            start, stop = _chunk_bounds(rows, tp, tp_rank)
+            source.read_rows(name, start, stop, out)
 
-    (name,) = names
-    if rule.tp_axis is None:
-        return read_rows(name, 0, num_rows(name))
-    if rule.tp_axis == 1:
-        full = read_rows(name, 0, num_rows(name))
-        start, stop = _chunk_bounds(full.shape[1], tp, tp_rank)
-        return full[:, start:stop].contiguous()
-    if rule.vocab_padded:
-        start, stop = _chunk_bounds(spec.padded_vocab_size(tp), tp, tp_rank)
-        real = read_rows(name, min(start, spec.vocab_size), min(stop, spec.vocab_size))
-        if real.shape[0] == stop - start:
-            return real
-        pad = torch.zeros(stop - start - real.shape[0], *real.shape[1:], dtype=real.dtype)
-        return torch.cat([real, pad], dim=0)
-    start, stop = _chunk_bounds(num_rows(name), tp, tp_rank)
-    return read_rows(name, start, stop)
+
+def _expect_rows(out: torch.Tensor, rows: int, names: tuple[str, ...]) -> None:
+    if out.shape[0] != rows:
+        raise ValueError(f"{', '.join(names)}: {rows} rows for this rank, megatron expects {out.shape[0]}")
 
 
 def export_tensors(rule: Rule, spec: ModelSpec, layer: int | None, full: torch.Tensor) -> dict[str, torch.Tensor]:
