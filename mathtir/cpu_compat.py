@@ -49,10 +49,6 @@ def activate() -> bool:
     return True
 
 
-def is_active() -> bool:
-    return _active
-
-
 def _check_megatron_version() -> None:
     import megatron.core
 
