@@ -113,6 +113,9 @@ def train(cfg: DictConfig) -> int:
     chunks = build_model(spec, params_dtype=params_dtype, sequence_parallel=m.sequence_parallel,
                          hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout,
                          calculate_per_token_loss=True, **p2p)  # the exact global per-token mean
+    if on_gpu:  # megatron builds most weights on the GPU already; the torch norms land on the CPU otherwise
+        for chunk in chunks:
+            chunk.cuda(torch.cuda.current_device())
     model_config = chunks[0].config
     use_te_packing = _te_available()
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
@@ -158,9 +161,11 @@ def train(cfg: DictConfig) -> int:
         state = {"model": model_state}
         if loading and init_root != run_root:
             return state  # a new stage: weights only
-        # fully_reshardable: the optimizer state can be loaded at another TP/PP (dp_reshardable cannot)
-        state["optimizer"] = optimizer.sharded_state_dict(
-            model_state, is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+        # fully_reshardable: the optimizer state can be loaded at another TP/PP (dp_reshardable cannot);
+        # mem_efficient: gathered over gloo onto DP rank 0 only, not onto every rank (memory).
+        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=loading, metadata={
+            "distrib_optim_sharding_type": "fully_reshardable",
+            "distrib_optim_fully_reshardable_mem_efficient": True})
         # Per-rank RNG streams only mean something for the layout that wrote them.
         if not loading or resumed_layout == layout:
             state["rng"] = _sharded_rng_state(mpu, tensor_parallel, dp_group)
@@ -264,14 +269,14 @@ def train(cfg: DictConfig) -> int:
         if rank == 0 and done % cfg.trainer.log_every_n_steps == 0:
             record = {
                 "step": done, "epoch": round(done * global_batch / len(dataset), 4), "loss": loss,
-                "lr": lr, "grad_norm": float(grad_norm),
+                "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
                 "trained_tokens": trained_tokens, "tokens_per_s": round(tokens_per_step / elapsed, 1),
                 "mfu": round(flops_per_step / elapsed / world_size / (peak * 1e12), 4) if peak else None,
                 "step_time_s": round(elapsed, 4), "memory_gb": round(_memory_gb(on_gpu), 3),
             }
             print(json.dumps(record), flush=True)
             if tensorboard:
-                for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "memory_gb"):
+                for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "memory_gb"):  # None: not measured
                     if record[key] is not None:
                         tensorboard.add_scalar(f"train/{key}", record[key], done)
         if progress:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cluster.slurm import slurm_cluster  # noqa: F401  (the module-scoped cluster fixture)
-from test_train import LAUNCH_ENV, REPO, step_records, tiny_init, tiny_shards  # noqa: F401  (fixtures)
+from test_train import LAUNCH_ENV, REPO, step_records, tiny_init, tiny_llama4_dir, tiny_shards  # noqa: F401
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
