@@ -170,15 +170,15 @@ def write_json(path: Path, obj) -> None:
 def init_ray(args: argparse.Namespace):
     import ray
 
-    # One explicit auth mode for every process of the run (see notes: an unset mode flips to token auth).
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if os.environ.get("RAY_ADDRESS"):
+    if os.environ.get("RAY_ADDRESS"):  # the cluster's auth mode (and token) come from the environment
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         log.info("joined the Ray cluster at %s", os.environ["RAY_ADDRESS"])
     else:
         cpus = args.embedded_cpus or os.cpu_count()
         sandbox_units = args.sandbox_actors or 1
-        # Loopback only and no dashboard: an embedded cluster serves nobody else.
+        # Loopback only and no dashboard: an embedded cluster serves nobody else. An explicit auth mode:
+        # left unset, ray.init writes ~/.ray/auth_token and every later `ray start` here turns token auth on.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(num_cpus=cpus, resources={"sandbox": sandbox_units}, include_dashboard=False,
                  _node_ip_address="127.0.0.1", object_store_memory=200 * 1024 * 1024)
         log.info("started an embedded Ray (%s CPUs, %s sandbox units)", cpus, sandbox_units)
@@ -203,8 +203,8 @@ def start_samplers(ray, args: argparse.Namespace):
         kwargs = {"base_url": args.api_base, "model": args.api_model, "api_key_env": args.api_key_env,
                   "dialect": args.dialect}
     actor_cls = sampler_actor_class()
-    actors = [actor_cls.options(num_cpus=args.sampler_cpus, num_gpus=per_replica).remote(args.backend, kwargs)
-              for _ in range(replicas)]
+    actors = [actor_cls.options(num_cpus=args.sampler_cpus, num_gpus=per_replica, max_restarts=3)
+              .remote(args.backend, kwargs) for _ in range(replicas)]
     uses_ids = ray.get([a.uses_token_ids.remote() for a in actors], timeout=600)
     log.info("%d %s sampler replica(s) ready (%d GPU each)", replicas, args.backend, per_replica)
     return RemoteSampler(actors, uses_token_ids=uses_ids[0])
@@ -277,6 +277,10 @@ def run(args: argparse.Namespace) -> int:
         if strays:
             raise RecordsError(f"{store.path}: records for problems not in {args.data}: {strays[:5]}")
         todo = [(p, i) for p in problems for i in range(args.samples) if (p.id, i) not in store]
+        beyond = sum(index >= args.samples for _, index in store.records)
+        if beyond:
+            log.warning("%d recorded samples have an index >= --samples %d: kept in %s, left out of the "
+                        "metrics", beyond, args.samples, store.path)
         resumed = len(problems) * args.samples - len(todo)
         log.info("%d problems x %d samples: %d already recorded, %d to generate%s", len(problems), args.samples,
                  resumed, len(todo), f" ({store.torn_bytes} bytes of a torn last line cut)" if store.torn_bytes

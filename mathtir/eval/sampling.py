@@ -12,6 +12,7 @@ and tokenizes only the inserted code output: the token budget is exact and nothi
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -83,23 +84,37 @@ def build_sampler(backend: str, **kwargs) -> Sampler:
 
 
 class RemoteSampler:
-    """The Sampler interface over a pool of sampler actors: each request goes to the least loaded one."""
+    """The Sampler interface over a pool of sampler actors: each request goes to the least loaded one.
 
-    def __init__(self, actors: list, uses_token_ids: bool):
+    Actors are started with max_restarts, so Ray brings a crashed replica back; a request it was serving is
+    sent again (a request carries its seed, so the retry samples the same tokens)."""
+
+    def __init__(self, actors: list, uses_token_ids: bool, max_attempts: int = 4):
         self.actors = list(actors)
         self.uses_token_ids = uses_token_ids
+        self.max_attempts = max_attempts
         self._in_flight = [0] * len(self.actors)
+        self.actor_failures = 0
 
     async def generate(self, request: GenerationRequest) -> Generation:
-        index = min(range(len(self.actors)), key=self._in_flight.__getitem__)
-        self._in_flight[index] += 1
-        try:
-            return await self.actors[index].generate.remote(request)
-        finally:
-            self._in_flight[index] -= 1
+        import ray
+
+        for attempt in range(1, self.max_attempts + 1):
+            index = min(range(len(self.actors)), key=self._in_flight.__getitem__)
+            self._in_flight[index] += 1
+            try:
+                return await self.actors[index].generate.remote(request)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                self.actor_failures += 1
+                if attempt == self.max_attempts:
+                    raise
+                await asyncio.sleep(min(30.0, 2.0 ** attempt))
+            finally:
+                self._in_flight[index] -= 1
+        raise AssertionError("unreachable")
 
     def stats(self) -> dict:
         import ray
 
         per_actor = ray.get([a.stats.remote() for a in self.actors], timeout=60)
-        return {"replicas": per_actor}
+        return {"replicas": per_actor, "actor_failures": self.actor_failures}
