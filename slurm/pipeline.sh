@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The whole reproduction on a Slurm cluster, submitted as dependent jobs (run it on a login node; it returns
+# at once after printing the job ids):
+#   data (CoT, TIR)  ─┐
+#   import HF → Megatron ─┴→ stage 1 CoT SFT → stage 2 TIR SFT → export to HF → verify → evaluate
+# Each job starts only when the ones it needs succeeded (afterok); a failed job cancels what depends on it.
+#
+#   BASE_HF=/models/llm-jp-4-8b COT_DATA=/data/omr/cot.parquet TIR_DATA=/data/omr/tir.parquet \
+#   EVAL_DATA=/data/dev.jsonl bash slurm/pipeline.sh
+#
+# Knobs (environment; defaults are the 8B recipes):
+#   BASE_HF, COT_DATA, TIR_DATA, EVAL_DATA   required: the HF base model and the input files
+#   RUN_ROOT=runs                            where every stage writes (data/, models/, stage1_cot/, ...)
+#   COT_DATA_RECIPE, TIR_DATA_RECIPE         default nemo_configs/data_openmathreasoning.yaml for both
+#   COT_DATA_OVERRIDES                       default: none
+#   TIR_DATA_OVERRIDES                       default: TIR samples only, code/output pairs, sandbox re-execution
+#                                            (set it empty for none)
+#   DATA_PARTS=8                             array tasks per data set (1: one job per data set)
+#   STAGE1_RECIPE=nemo_configs/stage1_cot.yaml  STAGE2_RECIPE=nemo_configs/stage2_tir.yaml
+#   STAGE1_OVERRIDES, STAGE2_OVERRIDES       extra key=value overrides (space separated)
+#   IMPORT_TP=1, EVAL_ARGS="..."             import layout; extra ray_eval/run.py flags
+#   SBATCH_ARGS                              sbatch flags for every job (e.g. --partition=... --account=...)
+#   TRAIN_SBATCH_ARGS, CPU_SBATCH_ARGS, EVAL_SBATCH_ARGS   flags for the training / CPU / evaluation jobs
+set -euo pipefail
+# shellcheck source=slurm/common.sh
+source "${MATHTIR_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}/slurm/common.sh"
+
+: "${BASE_HF:?set BASE_HF to the Hugging Face base model directory}"
+: "${COT_DATA:?set COT_DATA to the chain-of-thought training file(s), comma separated}"
+: "${TIR_DATA:?set TIR_DATA to the TIR training file(s), comma separated}"
+: "${EVAL_DATA:?set EVAL_DATA to the evaluation problems (.jsonl or .parquet)}"
+RUN_ROOT=$(realpath -m "${RUN_ROOT:-runs}")
+COT_DATA_RECIPE=${COT_DATA_RECIPE:-nemo_configs/data_openmathreasoning.yaml}
+TIR_DATA_RECIPE=${TIR_DATA_RECIPE:-nemo_configs/data_openmathreasoning.yaml}
+read -r -a cot_overrides <<< "${COT_DATA_OVERRIDES:-}"
+read -r -a tir_overrides <<< "${TIR_DATA_OVERRIDES-filters.modes=[tir] filters.require_code=true \
+filters.code_output_pairs=true filters.no_boxed_before_code=true verify.enabled=true}"
+DATA_PARTS=${DATA_PARTS:-8}
+STAGE1_RECIPE=${STAGE1_RECIPE:-nemo_configs/stage1_cot.yaml}
+STAGE2_RECIPE=${STAGE2_RECIPE:-nemo_configs/stage2_tir.yaml}
+IMPORT_TP=${IMPORT_TP:-1}
+read -r -a common <<< "${SBATCH_ARGS:-}"
+read -r -a train_flags <<< "${TRAIN_SBATCH_ARGS:-}"
+read -r -a cpu_flags <<< "${CPU_SBATCH_ARGS:-}"
+read -r -a eval_flags <<< "${EVAL_SBATCH_ARGS:-}"
+read -r -a stage1_overrides <<< "${STAGE1_OVERRIDES:-}"
+read -r -a stage2_overrides <<< "${STAGE2_OVERRIDES:-}"
+read -r -a eval_args <<< "${EVAL_ARGS:-}"
+mkdir -p "$RUN_ROOT/logs"
+
+# submit NAME DEPENDENCIES SBATCH_FLAGS... -- SCRIPT ARGS...: prints the job id.
+submit() {
+  local name=$1 deps=$2; shift 2
+  local flags=()
+  while [ "$1" != -- ]; do flags+=("$1"); shift; done
+  shift
+  local dep_flag=()
+  [ -n "$deps" ] && dep_flag=("--dependency=afterok:$deps")
+  sbatch --parsable --job-name="mathtir-$name" --output="$RUN_ROOT/logs/$name-%j.out" \
+    "${dep_flag[@]}" "${common[@]}" "${flags[@]}" "$@" | cut -d';' -f1
+}
+
+# prepare NAME RECIPE INPUTS OVERRIDES...: prints the id of the job that finishes the data set: one job, or
+# the merge job after an array of parts (prepare_data.sh prints its id last).
+prepare() {
+  local name=$1 recipe=$2 inputs=$3; shift 3
+  local args=("$recipe" "inputs=[$inputs]" "output_dir=$RUN_ROOT/data/$name" "tokenizer=$BASE_HF"
+              "decontam.eval_sets=[$EVAL_DATA]" "$@")
+  if [ "$DATA_PARTS" -gt 1 ]; then
+    bash slurm/prepare_data.sh --parts "$DATA_PARTS" --sbatch "${common[*]} ${cpu_flags[*]}" "${args[@]}" | tail -n1
+  else
+    submit "data_$name" "" "${cpu_flags[@]}" -- slurm/prepare_data.sh "${args[@]}"
+  fi
+}
+
+cot=$(prepare stage1_cot "$COT_DATA_RECIPE" "$COT_DATA" "${cot_overrides[@]}")
+tir=$(prepare stage2_tir "$TIR_DATA_RECIPE" "$TIR_DATA" "${tir_overrides[@]}")
+import=$(submit import "" "${cpu_flags[@]}" -- slurm/convert.sh hf_to_megatron \
+  --hf-dir "$BASE_HF" --out "$RUN_ROOT/models/base" --tp "$IMPORT_TP")
+stage1=$(submit stage1_cot "$cot:$import" "${train_flags[@]}" -- slurm/stage1_cot.sh "$STAGE1_RECIPE" \
+  "model.init_from=$RUN_ROOT/models/base" "data.train_dir=$RUN_ROOT/data/stage1_cot" \
+  "checkpoint.dir=$RUN_ROOT/stage1_cot" "${stage1_overrides[@]}")
+stage2=$(submit stage2_tir "$stage1:$tir" "${train_flags[@]}" -- slurm/stage2_tir.sh "$STAGE2_RECIPE" \
+  "model.init_from=$RUN_ROOT/stage1_cot" "data.train_dir=$RUN_ROOT/data/stage2_tir" \
+  "checkpoint.dir=$RUN_ROOT/stage2_tir" "${stage2_overrides[@]}")
+export_=$(submit export "$stage2" "${cpu_flags[@]}" -- slurm/convert.sh megatron_to_hf \
+  --ckpt "$RUN_ROOT/stage2_tir" --out "$RUN_ROOT/hf/stage2_tir" --hf-template "$BASE_HF")
+verify=$(submit verify "$export_" "${cpu_flags[@]}" -- slurm/convert.sh verify \
+  --hf-dir "$RUN_ROOT/hf/stage2_tir" --ckpt "$RUN_ROOT/stage2_tir")
+evaluate=$(submit eval "$verify" "${eval_flags[@]}" -- slurm/eval.sh \
+  --model "$RUN_ROOT/hf/stage2_tir" --data "$EVAL_DATA" --output "$RUN_ROOT/eval/stage2_tir" "${eval_args[@]}")
+
+cat <<EOF
+mathtir pipeline submitted (outputs under $RUN_ROOT, job logs in $RUN_ROOT/logs):
+  data stage1_cot  $cot
+  data stage2_tir  $tir
+  import           $import
+  stage1_cot       $stage1
+  stage2_tir       $stage2
+  export           $export_
+  verify           $verify
+  eval             $evaluate
+EOF
