@@ -293,12 +293,13 @@ def test_ray_job_submit_smollm2(ray_head, smollm2_hf_dir, tmp_path):
 
 @pytest.fixture
 def start_driver(ray_head):
-    """Start run.py joining the head (RAY_ADDRESS), as its own process so the test can kill it; whatever is
-    still running at the end of the test is killed (by pid)."""
+    """Start run.py as its own process so the test can kill it: joining the head (RAY_ADDRESS), or with
+    join=False starting its embedded Ray. Whatever is still running at the end of the test is killed by pid,
+    an embedded Ray's processes included."""
     procs = []
 
-    def start(args: list[str], log_path: Path) -> subprocess.Popen:
-        env = dict(ray_head.env, RAY_ADDRESS=ray_head.address)
+    def start(args: list[str], log_path: Path, join: bool = True) -> subprocess.Popen:
+        env = dict(ray_head.env, RAY_ADDRESS=ray_head.address) if join else dict(ray_head.env)
         with open(log_path, "ab") as log:
             procs.append(subprocess.Popen([sys.executable, "ray_eval/run.py", *args], cwd=REPO, env=env,
                                           stdout=log, stderr=subprocess.STDOUT))
@@ -307,13 +308,19 @@ def start_driver(ray_head):
     yield start
     for proc in procs:
         if proc.poll() is None:
+            leftovers = psutil.Process(proc.pid).children(recursive=True)
             proc.kill()
             proc.wait(timeout=30)
+            for child in leftovers:
+                try:
+                    child.kill()
+                except psutil.Error:
+                    pass
 
 
-def sandbox_actor_pids(head) -> set[int]:
+def sandbox_actor_pids(root: psutil.Process) -> set[int]:
     pids = set()
-    for proc in head.descendants():
+    for proc in root.children(recursive=True):
         try:
             if "SandboxActor" in " ".join(proc.cmdline()):
                 pids.add(proc.pid)
@@ -356,19 +363,20 @@ def test_killed_driver_resumes_without_loss_or_duplicates(start_driver, tir_tiny
 
 
 @pytest.mark.cluster
-def test_killed_sandbox_actor_is_replaced(ray_head, start_driver, tir_tiny_dir, tmp_path):
+def test_killed_sandbox_actor_is_replaced(start_driver, tir_tiny_dir, tmp_path):
+    """An embedded run (no RAY_ADDRESS): the driver starts its own Ray; its only sandbox actor is killed."""
     data, out, log = write_data(tmp_path / "problems.jsonl"), tmp_path / "out", tmp_path / "driver.log"
     args = job_args(tir_tiny_dir, data, out, "--samples", "4", "--max-tokens", "64", "--max-in-flight", "1",
-                    "--sandbox-actors", "1")
-    driver = start_driver(args, log)
+                    "--sandbox-actors", "1", "--embedded-cpus", "2")
+    driver = start_driver(args, log, join=False)
     wait_for_records(out, 2, driver)
-    actors = sandbox_actor_pids(ray_head)
+    actors = sandbox_actor_pids(psutil.Process(driver.pid))
     assert len(actors) == 1, actors
     killed = actors.pop()
     os.kill(killed, signal.SIGKILL)
     done_at_kill = (out / "records.jsonl").read_bytes().count(b"\n")
     deadline = time.monotonic() + 120
-    while not sandbox_actor_pids(ray_head) - {killed}:
+    while not sandbox_actor_pids(psutil.Process(driver.pid)) - {killed}:
         assert driver.poll() is None and time.monotonic() < deadline, "no replacement sandbox actor started"
         time.sleep(0.2)
 
@@ -381,6 +389,7 @@ def test_killed_sandbox_actor_is_replaced(ray_head, start_driver, tir_tiny_dir, 
     assert all("```output\n" in r["text"] for r in later)
     sandbox = json.loads((out / "metrics.json").read_text())["run"]["sandbox"]
     assert sandbox["executions"] >= len(later)
+    assert "| majority@4 |" in (out / "report.md").read_text()
 
 
 def test_openai_backend_against_a_local_completions_server(tir_sampler, sandbox_executor):
