@@ -12,7 +12,7 @@ Follows /work/shared/notes/slurm-and-ray-local.md:
     with RayHead(num_cpus=2, resources={"sandbox": 2}) as head:
         subprocess.run(head.cli("job", "submit", "--working-dir", ".", "--", "python", "x.py"), env=head.env)
 
-or use the ``ray_head`` pytest fixture (module scope) defined at the bottom.
+(tests/test_eval_job.py wraps it in a module-scoped ``ray_head`` fixture).
 """
 
 from __future__ import annotations
@@ -182,16 +182,3 @@ class RayHead:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-
-try:
-    import pytest
-except ImportError:  # used outside pytest
-    pytest = None
-
-if pytest is not None:
-
-    @pytest.fixture(scope="module")
-    def ray_head():
-        """A Ray head with 2 CPUs and 2 units of the "sandbox" resource (what SandboxActor asks for)."""
-        with RayHead(num_cpus=2, resources={"sandbox": 2}) as head:
-            yield head
