@@ -181,4 +181,3 @@ class RayHead:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
