@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=str(REPO / "runs" / "demo"), help="where every stage writes")
     parser.add_argument("--eval-problems", type=int, default=20, help="held-out problems evaluated")
     parser.add_argument("--samples", type=int, default=3, help="samples per problem (majority vote)")
-    parser.add_argument("--max-tokens", type=int, default=384, help="token budget per sample")
+    parser.add_argument("--max-tokens", type=int, default=256, help="token budget per sample")
     parser.add_argument("--force", action="store_true", help="rerun every stage, ignoring .done markers")
     args = parser.parse_args(argv)
 
