@@ -114,13 +114,16 @@ def hf_step_fn(spec, tokens, labels, mask, dtype):
     return step
 
 
-def cpu_matmul_tflops(n: int = 2048, repeats: int = 5) -> float:
+def cpu_matmul_tflops(n: int = 2048, trials: int = 7) -> float:
+    """Best of several single GEMMs: on a shared machine the best one is the closest to the real peak."""
     x, y = torch.randn(n, n), torch.randn(n, n)
     x @ y
-    started = time.perf_counter()
-    for _ in range(repeats):
+    best = float("inf")
+    for _ in range(trials):
+        started = time.perf_counter()
         x @ y
-    return 2 * n**3 * repeats / (time.perf_counter() - started) / 1e12
+        best = min(best, time.perf_counter() - started)
+    return 2 * n**3 / best / 1e12
 
 
 def main() -> None:
