@@ -118,19 +118,22 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     return OmegaConf.merge(parent, raw)
 
 
-def _merge_into_schema(schema: DictConfig, layer: DictConfig, source: str) -> DictConfig:
+def _merge_into_schema(schema: DictConfig, layer: DictConfig, source: str, schema_home: str) -> DictConfig:
     try:
         return OmegaConf.merge(schema, layer)
     except ConfigKeyError as exc:
-        raise ConfigError(f"{source}: unknown key '{exc.full_key}' (accepted keys: see mathtir/config.py)") from exc
+        raise ConfigError(f"{source}: unknown key '{exc.full_key}' (accepted keys: see {schema_home})") from exc
     except ValidationError as exc:
         raise ConfigError(f"{source}: key '{exc.full_key}': {str(exc.msg).splitlines()[0]}") from exc
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> DictConfig:
-    """Load a recipe, apply ``key=value`` overrides, fill the schema defaults and validate the values."""
+def load_structured(path: str | Path, schema: type, overrides: list[str] = (), *,
+                    schema_home: str) -> DictConfig:
+    """A YAML file (with its ``base:`` chain) merged into the dataclass ``schema``, then ``key=value``
+    overrides; unknown keys, wrong types and unset required keys are errors naming the file or override.
+    Shared by training recipes (here) and data recipes (mathtir/data/config.py)."""
     path = Path(path)
-    cfg = _merge_into_schema(OmegaConf.structured(RecipeConfig), _read_yaml(path), str(path))
+    cfg = _merge_into_schema(OmegaConf.structured(schema), _read_yaml(path), str(path), schema_home)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}': expected key=value (e.g. trainer.max_steps=10)")
@@ -139,7 +142,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> DictConfig:
             layer = OmegaConf.from_dotlist([item])
         except OmegaConfBaseException as exc:
             raise ConfigError(f"override '{item}': {exc}") from exc
-        cfg = _merge_into_schema(cfg, layer, f"override '{key}'")
+        cfg = _merge_into_schema(cfg, layer, f"override '{key}'", schema_home)
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except MissingMandatoryValue as exc:
@@ -147,6 +150,12 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> DictConfig:
                           f"{exc.full_key}=...)") from exc
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+    return cfg
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> DictConfig:
+    """Load a recipe, apply ``key=value`` overrides, fill the schema defaults and validate the values."""
+    cfg = load_structured(path, RecipeConfig, overrides, schema_home="mathtir/config.py")
     validate_values(cfg, str(path))
     return cfg
 

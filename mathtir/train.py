@@ -69,7 +69,7 @@ def train(cfg: DictConfig) -> int:
 
     from mathtir import checkpoint, cpu_compat, distributed
     from mathtir.data.loader import PackedDataset, collate, epoch_order
-    from mathtir.models.llama import ModelSpec, build_model
+    from mathtir.models.llama import ModelSpec, build_model, te_available
 
     m, o = cfg.model, cfg.optim
     tp, pp, vp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.virtual_pipeline_model_parallel_size
@@ -117,7 +117,7 @@ def train(cfg: DictConfig) -> int:
         for chunk in chunks:
             chunk.cuda(torch.cuda.current_device())
     model_config = chunks[0].config
-    use_te_packing = _te_available()
+    use_te_packing = te_available()
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=o.use_distributed_optimizer)
     model = [DistributedDataParallel(config=model_config, ddp_config=ddp_config, module=chunk,
@@ -341,16 +341,6 @@ def _cpu_group():
 
 
 _CONTROL_GROUP = None
-
-
-def _te_available() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _packed_seq_params(doc_offsets: list[torch.Tensor], seq_length: int, device):

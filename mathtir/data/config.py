@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
-from mathtir.config import ConfigError
+from mathtir.config import ConfigError, load_structured
 
 
 @dataclass
@@ -106,36 +105,8 @@ FORMATS = ("auto", "jsonl", "parquet", "hf_disk")
 DIALECTS = ("tir", "openmath")
 
 
-def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
-    try:
-        return OmegaConf.merge(base, layer)
-    except ConfigKeyError as exc:
-        raise ConfigError(f"{source}: unknown key '{exc.full_key}' (accepted keys: mathtir/data/config.py)") from exc
-    except ValidationError as exc:
-        raise ConfigError(f"{source}: key '{exc.full_key}': {str(exc.msg).splitlines()[0]}") from exc
-
-
 def load_data_recipe(path: str | Path, overrides: list[str] = ()) -> DictConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: data recipe not found")
-    try:
-        raw = OmegaConf.load(path)
-    except Exception as exc:  # yaml errors of several types: name the file
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    cfg = _merge(OmegaConf.structured(DataRecipe), raw, str(path))
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}': expected key=value (e.g. seq_length=2048)")
-        try:
-            layer = OmegaConf.from_dotlist([item])
-        except OmegaConfBaseException as exc:
-            raise ConfigError(f"override '{item}': {exc}") from exc
-        cfg = _merge(cfg, layer, f"override '{item.split('=', 1)[0]}'")
-    try:
-        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    except MissingMandatoryValue as exc:
-        raise ConfigError(f"{path}: required key '{exc.full_key}' is not set (pass {exc.full_key}=...)") from exc
+    cfg = load_structured(path, DataRecipe, overrides, schema_home="mathtir/data/config.py")
     validate(cfg, str(path))
     return cfg
 

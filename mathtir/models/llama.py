@@ -223,7 +223,8 @@ class TorchRMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
-def _te_available() -> bool:
+def te_available() -> bool:
+    """Transformer Engine layers and packed attention: only with TE installed and a GPU present."""
     if not torch.cuda.is_available():
         return False
     try:
@@ -281,7 +282,7 @@ def build_model(
     config = transformer_config(spec, tp=tp, pp=pp, vp=vp, params_dtype=params_dtype,
                                 sequence_parallel=sequence_parallel,
                                 perform_initialization=perform_initialization, **config_overrides)
-    use_te = _te_available() if use_te is None else use_te
+    use_te = te_available() if use_te is None else use_te
     inv_freq = spec.hf_inv_freq()
     chunks = []
     for vp_stage in range(vp or 1):
