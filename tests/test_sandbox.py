@@ -234,3 +234,22 @@ def test_import_is_light():
     code = "import sys, mathtir.sandbox\nprint(sorted(m for m in ('sympy', 'numpy', 'ray') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out == "[]\n"
+
+
+def test_site_packages_under_tmp_are_visible_inside(tmp_path, monkeypatch):
+    """A virtualenv in a checkout under /tmp (CI clones can live there): the sandbox's own /tmp must not
+    hide it."""
+    import tempfile
+
+    from mathtir.sandbox import pool as pool_module
+
+    site_dir = tempfile.mkdtemp(prefix="mathtir-site-", dir="/tmp")
+    os.chmod(site_dir, 0o755)  # the fork server runs as nobody when the host is root
+    with open(os.path.join(site_dir, "planted_module_for_sandbox.py"), "w") as f:
+        f.write("ANSWER = 42\n")
+    os.chmod(os.path.join(site_dir, "planted_module_for_sandbox.py"), 0o644)
+    real_site_dirs = pool_module._site_dirs
+    monkeypatch.setattr(pool_module, "_site_dirs", lambda: [*real_site_dirs(), site_dir])
+    with SandboxPool(1) as private_pool:
+        result = private_pool.run("import planted_module_for_sandbox as m\nprint(m.ANSWER)", timeout=20)
+    assert (result.status, result.stdout.strip()) == ("ok", "42"), result

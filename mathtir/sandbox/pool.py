@@ -118,6 +118,25 @@ def _python_binds() -> list[str]:
     return keep
 
 
+# bwrap mounts fresh filesystems at these after the binds, hiding whatever was bound below them: a Python
+# directory under one (a virtualenv in a checkout under /tmp, as CI clones can be) is bound elsewhere.
+_SCRATCH_MOUNTS = ("/tmp", "/dev", "/proc")
+
+
+def _python_mounts() -> dict[str, str]:
+    """Each directory of _python_binds() -> where the sandbox sees it (the same path unless it is hidden)."""
+    return {d: f"/run/mathtir/python{i}" if any(d == m or d.startswith(m + "/") for m in _SCRATCH_MOUNTS) else d
+            for i, d in enumerate(_python_binds())}
+
+
+def _in_sandbox(path: str, mounts: dict[str, str]) -> str:
+    real = os.path.realpath(path)
+    for host, inside in mounts.items():
+        if real == host or real.startswith(host + "/"):
+            return inside + real[len(host):]
+    return real
+
+
 def _site_dirs() -> list[str]:
     """The interpreter's site-packages, and the user's (pip install --user) when this interpreter uses it;
     never other sys.path entries (a checkout, PYTHONPATH), which may hold anything."""
@@ -150,7 +169,8 @@ def bwrap_command(bwrap: str, cfg: SandboxConfig, server_args: list[str]) -> lis
         elif path.is_dir():
             args += ["--ro-bind", str(path), str(path)]
     args += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
-    binds = [(d, d) for d in _python_binds()] + [(str(SERVER_SCRIPT), SERVER_PATH_IN_SANDBOX)]
+    mounts = _python_mounts()
+    binds = [*mounts.items(), (str(SERVER_SCRIPT), SERVER_PATH_IN_SANDBOX)]
     # Privileged bwrap creates missing parents of a mount point with mode 0700, which nobody could not
     # traverse: create them world-traversable first.
     parents = sorted({str(p) for _, dest in binds for p in Path(dest).parents if str(p) != "/"},
@@ -167,7 +187,7 @@ def bwrap_command(bwrap: str, cfg: SandboxConfig, server_args: list[str]) -> lis
     for key, value in SANDBOX_ENV.items():
         args += ["--setenv", key, value]
     args += ["--chdir", "/tmp"]
-    return args + [os.path.realpath(sys.executable), "-S", "-B", SERVER_PATH_IN_SANDBOX, *server_args]
+    return args + [_in_sandbox(sys.executable, mounts), "-S", "-B", SERVER_PATH_IN_SANDBOX, *server_args]
 
 
 def probe_bwrap(bwrap: str | None) -> str | None:
@@ -255,8 +275,10 @@ class Worker:
             self.proc = _popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                env=env, cwd=self._scratch, start_new_session=True)
         else:
+            mounts = _python_mounts()
             server_cfg.update(workdir="/tmp", scratch_dirs=["/tmp", "/dev/shm"], host_pid=None,
-                              own_pid_namespace=True)
+                              own_pid_namespace=True,
+                              site_dirs=[_in_sandbox(d, mounts) for d in server_cfg["site_dirs"]])
             cmd = bwrap_command(cfg.bwrap, cfg, [json.dumps(server_cfg)])
             self.proc = _popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                start_new_session=True)
