@@ -33,7 +33,7 @@ def main() -> int:
         print(f"megatron_to_hf: error: {e}", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    # One process: torch_dist reshards any TP/PP checkpoint into the TP=1/PP=1 model.
+    # One process: a checkpoint of any TP/PP is read layer by layer into the TP=1/PP=1 layout.
     distributed.initialize(1, 1, seed=0)
     try:
         out = export_hf(args.ckpt, args.out, hf_template=args.hf_template)

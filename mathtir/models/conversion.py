@@ -2,8 +2,8 @@
 
 Import: every rank builds only its own TP/PP part of the model and fills it with the row ranges of the HF
 tensors it owns, read straight from the safetensors files, then all ranks write one torch_dist checkpoint.
-Export: one process loads the checkpoint at TP=1/PP=1 (torch_dist reshards) and streams HF safetensors
-shards out rule by rule. Neither holds two copies of the model.
+Export: one process reads the checkpoint a layer at a time (whatever TP/PP it was written at) and streams
+HF safetensors shards out rule by rule; no model is built. Neither holds two copies of the model.
 """
 
 from __future__ import annotations
@@ -160,17 +160,48 @@ def import_hf(hf_dir: str | Path, out_root: str | Path, *, dtype: torch.dtype, t
         weights.check_against(spec)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     chunks = build_model(spec, params_dtype=dtype, perform_initialization=False, use_te=False)
+    state = {"model": checkpoint.model_sharded_state_dict(chunks)}
+    parts = _saved_parts_of_fused_parameters(state, chunks)
     with torch.no_grad():
         for chunk in chunks:
             for local_name, param in chunk.named_parameters():
                 rule, layer = mapping.match_megatron(_global_name(chunk, local_name))
-                mapping.import_shard(rule, spec, layer, weights, param.data, tp=tp, tp_rank=tp_rank)
+                out = parts.get(param, param.data)
+                mapping.import_shard(rule, spec, layer, weights, out, tp=tp, tp_rank=tp_rank)
     hf_config = dict(spec.hf_config)
     hf_config["dtype"] = _DTYPE_NAMES[dtype]
     hf_config.pop("torch_dtype", None)
     spec = ModelSpec.from_hf_config(hf_config, source=spec.source)
-    return checkpoint.save(out_root, 0, {"model": checkpoint.model_sharded_state_dict(chunks)},
-                           spec=spec, tokenizer_src=hf_dir)
+    return checkpoint.save(out_root, 0, state, spec=spec, tokenizer_src=hf_dir)
+
+
+def _saved_parts_of_fused_parameters(state: dict, chunks: list) -> dict:
+    """Parameter -> (gate, up) for the parameters megatron saves in parts (SwiGLU's fused fc1), each part
+    with memory of its own, the parameter's released.
+
+    torch_dist's writer copies every tensor that is a view into a larger one, all of them before it writes
+    the first: saving fc1 as views of the parameter would hold the MLPs twice and copy them once. The
+    imported model is only saved, never run, so its fused parameters are filled as their parts instead
+    (megatron's factories are applied here, not inside the save)."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import apply_factories
+
+    apply_factories(state)
+    views: dict[int, list[ShardedTensor]] = {}
+    for sh_ten in nested_values(state):
+        if isinstance(sh_ten, ShardedTensor) and sh_ten.data.untyped_storage().nbytes() != sh_ten.data.nbytes:
+            views.setdefault(sh_ten.data.untyped_storage().data_ptr(), []).append(sh_ten)
+    parts = {}
+    for chunk in chunks:
+        for param in chunk.parameters():
+            saved = views.pop(param.untyped_storage().data_ptr(), None)
+            if saved:
+                for sh_ten in saved:
+                    sh_ten.data = torch.empty_like(sh_ten.data, memory_format=torch.contiguous_format)
+                parts[param] = tuple(sh_ten.data for sh_ten in saved)
+                param.data = torch.empty(0, dtype=param.dtype)
+    return parts
 
 
 def _global_name(chunk, local_name: str) -> str:
@@ -202,31 +233,51 @@ def load_megatron(ckpt: str | Path, *, dtype: torch.dtype | None = None) -> tupl
     return spec, chunks
 
 
+def _read_groups(spec: ModelSpec) -> list[list[tuple[mapping.Rule, int | None]]]:
+    """The (rule, layer) pairs export reads from the checkpoint in one go: each non-layer tensor alone and
+    each decoder layer whole, in HF order. (With tied embeddings HF derives lm_head from the embedding.)"""
+    layer_rules = [rule for rule in mapping.RULES if "{i}" in rule.megatron]
+    groups = []
+    for rule in mapping.RULES:
+        if rule is layer_rules[0]:
+            groups += [[(r, i) for r in layer_rules] for i in range(spec.num_layers)]
+        elif "{i}" not in rule.megatron and not (rule.megatron == "output_layer.weight" and spec.tie_word_embeddings):
+            groups.append([(rule, None)])
+    return groups
+
+
+def _materialized(entry, dtype: torch.dtype):
+    """A sharded-state-dict entry of a meta-device model with real (empty) memory to load into."""
+    import dataclasses
+
+    shape = entry.local_shape if hasattr(entry, "local_shape") else entry.data.shape
+    return dataclasses.replace(entry, data=torch.empty(shape, dtype=dtype))
+
+
 def export_hf(ckpt: str | Path, out_dir: str | Path, *, hf_template: str | Path | None = None) -> Path:
-    """Single process (TP=1, PP=1 — mathtir.distributed.initialize(1, 1, ...)). Writes safetensors shards
-    with an index, config.json, generation_config.json and the tokenizer files."""
+    """Single process, any TP/PP the checkpoint was written at (torch_dist reshards on read). Writes
+    safetensors shards with an index, config.json, generation_config.json and the tokenizer files.
+
+    No model is built: a meta-device model supplies only the sharding template, and the checkpoint is read
+    one layer at a time, so memory holds a layer and a shard, never the model."""
     from safetensors.torch import save_file
 
-    root, _ = resolve_root(ckpt)
-    spec, (model,) = load_megatron(ckpt)
-    params = dict(model.named_parameters())
+    root, iteration = resolve_root(ckpt)
+    spec = ModelSpec.from_dir(root)
+    dtype = checkpoint.stored_dtype(root, iteration)
+    (meta_model,) = build_model(spec, params_dtype=dtype, perform_initialization=False, use_te=False, meta=True)
+    template = meta_model.sharded_state_dict()
+    reader = checkpoint.PartReader(root, iteration)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("model*.safetensors*"):
         stale.unlink()
 
-    def rule_layers():
-        for rule in mapping.RULES:
-            if rule.megatron == "output_layer.weight" and spec.tie_word_embeddings:
-                continue  # HF derives lm_head from the embedding
-            for layer in range(spec.num_layers) if "{i}" in rule.megatron else [None]:
-                yield rule, layer
-
-    # Plan the shards from shapes alone, then write each as soon as its tensors exist: at most one shard
-    # of export copies (the q/k/v and gate/up splits) is alive next to the model.
-    itemsize = next(iter(params.values())).element_size()
+    # Plan the shards from shapes alone, then write each as soon as its tensors exist.
+    groups = _read_groups(spec)
+    itemsize = torch.empty((), dtype=dtype).element_size()
     shapes = mapping.expected_hf_shapes(spec)
-    names = [n for rule, layer in rule_layers() for n in mapping.hf_names(rule, spec, layer)]
+    names = [n for group in groups for rule, layer in group for n in mapping.hf_names(rule, spec, layer)]
     nbytes = {n: math.prod(shapes[n]) * itemsize for n in names}
     shard_limit = max(nbytes.values())
     plan: list[list[str]] = [[]]
@@ -236,11 +287,14 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, *, hf_template: str | Path 
         plan[-1].append(name)
     file_of = {n: f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i, shard in enumerate(plan) for n in shard}
     pending: dict[str, torch.Tensor] = {}
-    for rule, layer in rule_layers():
-        name = rule.megatron.format(i=layer)
-        if name not in params:
-            raise KeyError(f"{root}: checkpoint model has no parameter {name!r}")
-        pending.update(mapping.export_tensors(rule, spec, layer, params[name].detach()))
+    for group in groups:
+        wanted = [rule.megatron.format(i=layer) for rule, layer in group]
+        missing = [name for name in wanted if name not in template]
+        if missing:
+            raise KeyError(f"{root}: the model of this config has no parameter {missing[0]!r}")
+        loaded = reader.read({"model": {n: _materialized(template[n], dtype) for n in wanted}})["model"]
+        for (rule, layer), name in zip(group, wanted, strict=True):
+            pending.update(mapping.export_tensors(rule, spec, layer, loaded.pop(name)))
         while plan and all(n in pending for n in plan[0]):
             shard = {n: pending.pop(n) for n in plan.pop(0)}
             save_file(shard, str(out_dir / file_of[next(iter(shard))]), metadata={"format": "pt"})
@@ -250,7 +304,7 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, *, hf_template: str | Path 
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     hf_config = json.loads((root / checkpoint.HF_CONFIG_FILE).read_text())
-    hf_config["dtype"] = _DTYPE_NAMES[next(iter(params.values())).dtype]
+    hf_config["dtype"] = _DTYPE_NAMES[dtype]
     hf_config.pop("torch_dtype", None)
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     tokenizer_src = Path(hf_template) if hf_template else root / checkpoint.TOKENIZER_DIR

@@ -7,6 +7,7 @@ the computation is refused by name rather than silently approximated.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -263,9 +264,11 @@ def build_model(
     sequence_parallel: bool = False,
     perform_initialization: bool = True,
     use_te: bool | None = None,
+    meta: bool = False,
     **config_overrides,
 ) -> list:
-    """One `GPTModel` chunk per virtual pipeline stage of this rank (usually one), on the current device.
+    """One `GPTModel` chunk per virtual pipeline stage of this rank (usually one), on the current device,
+    or with `meta` on the meta device: shapes and sharding without memory, e.g. as a checkpoint's template.
 
     TP/PP/VP sizes come from megatron's parallel state (mathtir.distributed.initialize). `config_overrides`
     go to `TransformerConfig` (e.g. recompute_granularity, calculate_per_token_loss).
@@ -288,7 +291,7 @@ def build_model(
     for vp_stage in range(vp or 1):
         stage = vp_stage if vp else None
         # Tied embeddings across pipeline stages all-reduce the weight through a literal `.cuda()`.
-        with cpu_compat.cuda_on_cpu():
+        with cpu_compat.cuda_on_cpu(), torch.device("meta") if meta else contextlib.nullcontext():
             model = GPTModel(
                 config=config,
                 transformer_layer_spec=layer_block_spec(config, use_te=use_te, vp_stage=stage),

@@ -114,11 +114,14 @@ def _chunk_bounds(n: int, tp: int, rank: int) -> tuple[int, int]:
     return rank * size, (rank + 1) * size
 
 
-def import_shard(rule: Rule, spec: ModelSpec, layer: int | None, source: RowSource, out: torch.Tensor, *,
-                 tp: int, tp_rank: int) -> None:
+def import_shard(rule: Rule, spec: ModelSpec, layer: int | None, source: RowSource,
+                 out: torch.Tensor | tuple[torch.Tensor, torch.Tensor], *, tp: int, tp_rank: int) -> None:
     """Fill `out` (the megatron parameter as TP rank `tp_rank` holds it) from the rows of the HF tensors that
-    rank owns. Every row-split layout is a list of contiguous row blocks of `out`, read in place."""
+    rank owns. Every row-split layout is a list of contiguous row blocks of `out`, read in place. A `gated`
+    parameter may be given as its two halves (gate rows, up rows), the parts megatron saves it as."""
     names = hf_names(rule, spec, layer)
+    if isinstance(out, tuple) and rule.transform != GATED:
+        raise ValueError(f"{', '.join(names)}: only a gated parameter can be filled in parts")
     if rule.transform == QKV:
         q_name, k_name, v_name = names
         hd, q_per_group = spec.head_dim, spec.num_attention_heads // spec.num_kv_heads
@@ -133,9 +136,11 @@ def import_shard(rule: Rule, spec: ModelSpec, layer: int | None, source: RowSour
     elif rule.transform == GATED:
         gate_name, up_name = names
         start, stop = _chunk_bounds(spec.ffn_hidden_size, tp, tp_rank)
-        _expect_rows(out, 2 * (stop - start), names)
-        source.read_rows(gate_name, start, stop, out[: stop - start])
-        source.read_rows(up_name, start, stop, out[stop - start:])
+        gate_out, up_out = out if isinstance(out, tuple) else (out[: stop - start], out[stop - start:])
+        _expect_rows(gate_out, stop - start, names)
+        _expect_rows(up_out, stop - start, names)
+        source.read_rows(gate_name, start, stop, gate_out)
+        source.read_rows(up_name, start, stop, up_out)
     else:
         (name,) = names
         rows = source.shape(name)[0]
