@@ -6,7 +6,8 @@ Models: the real SmolLM2-135M (bf16) and a synthetic Llama (~1B parameters with 
 bf16) written to safetensors. Each operation runs in a fresh process (so page-cache and allocator state
 from one does not flatter the next) and reports its own time and peak RSS above the process's baseline
 after imports (the kernel's VmHWM, reset before the operation; torch_dist's writer processes are forked and
-share the model's pages, so they add no copy). Targets (issue 4): time <= 2x the floor; peak RSS (per rank)
+share the model's pages, so they add no copy; where import hands the writers memory-mapped pages of the HF
+files, those are the page cache the floor reads through too). Targets (issue 4): time <= 2x the floor; peak RSS (per rank)
 <= model size / TP + 2x the largest tensor.
 """
 
@@ -111,11 +112,13 @@ def measure(op: str, src: Path, dst: Path) -> dict:
     launcher = [sys.executable]
     if op == "import-tp2":
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.run([*launcher, __file__, "--op", op, str(src), str(dst)], capture_output=True,
-                          text=True, cwd=REPO)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{op} {src} failed:\n{proc.stderr[-4000:]}")
-    ranks = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    os.sync()  # the previous operation's dirty pages are not this one's to flush
+    with tempfile.TemporaryDirectory() as results:
+        proc = subprocess.run([*launcher, __file__, "--op", op, str(src), str(dst), results], capture_output=True,
+                              text=True, cwd=REPO)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{op} {src} failed:\n{proc.stderr[-4000:]}")
+        ranks = [json.loads(f.read_text()) for f in Path(results).glob("rank*.json")]
     return {"seconds": max(r["seconds"] for r in ranks),
             "peak_rss_above_baseline": max(r["peak_rss_above_baseline"] for r in ranks)}
 
@@ -136,8 +139,10 @@ def main() -> None:
     parser.add_argument("--op", help=argparse.SUPPRESS)
     parser.add_argument("paths", nargs="*", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.op:
-        print(json.dumps(run_operation(args.op, *args.paths)))
+    if args.op:  # one rank of one measurement: its result goes to a file of its own
+        src, dst, results = args.paths
+        result = run_operation(args.op, src, dst)
+        (results / f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(result))
         return
 
     from mathtir.models.llama import ModelSpec

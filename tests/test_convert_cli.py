@@ -67,6 +67,17 @@ def test_tiny_llama_tp2_round_trip_keeps_weights_tokenizer_and_logits(tiny_llama
     assert "verify: PASSED" in out and "top5=1.0000" in out and "FAIL" not in out
 
 
+def test_import_casting_to_bf16_at_tp1_exports_the_cast_weights(tiny_llama_dir, tmp_path):
+    # TP=1 without a cast uses the file's own pages; a cast must go through memory of its own.
+    assert all(t.dtype == torch.float32 for t in hf_tensors(tiny_llama_dir).values())
+    cli("hf_to_megatron.py", "--hf-dir", tiny_llama_dir, "--out", tmp_path / "ckpt", "--dtype", "bf16")
+    cli("megatron_to_hf.py", "--ckpt", tmp_path / "ckpt", "--out", tmp_path / "hf")
+    src, exported = hf_tensors(tiny_llama_dir), hf_tensors(tmp_path / "hf")
+    assert sorted(src) == sorted(exported)
+    for name, tensor in src.items():
+        assert exported[name].dtype == torch.bfloat16 and torch.equal(exported[name], tensor.bfloat16()), name
+
+
 def test_verify_fails_on_a_rewritten_special_token_id(tiny_llama_dir, tiny_tp2_ckpt, tmp_path):
     tampered = tmp_path / "ckpt"
     shutil.copytree(tiny_tp2_ckpt, tampered)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 from pathlib import Path
 
@@ -31,11 +32,12 @@ _SAFETENSORS_DTYPES = {
 
 
 class _SafetensorsFile:
-    """Row ranges of the tensors in one .safetensors file, read with pread.
+    """Row ranges of the tensors in one .safetensors file: read with pread into memory of the caller's, or,
+    where the stored bytes already are the wanted tensor, viewed in place over the memory-mapped file.
 
-    Reading (rather than memory-mapping) keeps the file's pages out of the process: a memory-mapped
-    8B checkpoint counts fully in the converter's RSS once every tensor was touched, on top of the model
-    being built, which is exactly the "two copies" a node must not hold.
+    Copies are read, not taken from a mapping: mapped pages that this process touches count in its RSS on
+    top of the copies made of them, the "two copies" a node must not hold. Views are only handed to the
+    checkpoint writer's forked processes, which stream them to disk from the page cache.
     """
 
     def __init__(self, path: Path):
@@ -49,9 +51,28 @@ class _SafetensorsFile:
         header.pop("__metadata__", None)
         self.data_start = 8 + header_len
         self.entries = header
+        self._mmap: mmap.mmap | None = None
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
+
+    def row_view(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of tensor `name` as a tensor over the file's own pages (memory-mapped copy-on-
+        write: nothing is read until the tensor is, and the file is never written)."""
+        entry = self.entries[name]
+        dtype, shape = _SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"])
+        if not 0 <= start <= stop <= shape[0]:
+            raise ValueError(f"{self.path}: rows {start}:{stop} are outside tensor {name!r} {list(shape)}")
+        if self._mmap is None:
+            with open(self.path, "rb") as f:
+                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        row = math.prod(shape[1:])
+        offset = self.data_start + entry["data_offsets"][0] + start * row * torch.empty((), dtype=dtype).element_size()
+        return torch.frombuffer(self._mmap, dtype=dtype, count=(stop - start) * row,
+                                offset=offset).view(stop - start, *shape[1:])
+
+    def dtype(self, name: str) -> torch.dtype:
+        return _SAFETENSORS_DTYPES[self.entries[name]["dtype"]]
 
     def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
         """Rows [start, stop) of tensor `name` into `out` (converted if `out` has another dtype)."""
@@ -118,6 +139,14 @@ class HFWeights:
     def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
         self._file(name).read_rows(name, start, stop, out)
 
+    def part_views(self, blocks: list[list[tuple[str, int, int]]] | None, dtype: torch.dtype) -> list | None:
+        """Each part of a parameter as a tensor over the files' pages, where every part is one row range of
+        one tensor stored in `dtype`; else None (the parameter has to be assembled or converted)."""
+        if blocks is None or any(len(part) != 1 or self._file(part[0][0]).dtype(part[0][0]) != dtype
+                                 for part in blocks):
+            return None
+        return [self._file(name).row_view(name, start, stop) for ((name, start, stop),) in blocks]
+
     def tensor(self, name: str) -> torch.Tensor:
         file = self._file(name)
         out = torch.empty(self.shape(name), dtype=_SAFETENSORS_DTYPES[file.entries[name]["dtype"]])
@@ -147,6 +176,7 @@ class HFWeights:
 def import_hf(hf_dir: str | Path, out_root: str | Path, *, dtype: torch.dtype, tp: int, pp: int) -> Path:
     """Collective over the TP*PP ranks of mathtir.distributed.initialize(tp, pp, ...)."""
     from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.mapping import apply_factories
 
     from mathtir.distributed import rank
 
@@ -159,49 +189,36 @@ def import_hf(hf_dir: str | Path, out_root: str | Path, *, dtype: torch.dtype, t
     if rank() == 0:
         weights.check_against(spec)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    chunks = build_model(spec, params_dtype=dtype, perform_initialization=False, use_te=False)
+
+    # The model is never run, only saved: a meta-device model supplies the sharded state dict (this rank's
+    # parts, with their keys and offsets), and each part gets its data here. A part that is one row range
+    # of an HF tensor in the target dtype is the file's own pages (the writer reads them straight from the
+    # page cache); the rest (QKV interleaving, column splits, vocabulary padding, dtype casts) is read into
+    # memory of its own. megatron saves some parameters in parts (SwiGLU's fc1: gate rows, up rows):
+    # its factories are applied first, so no fused copy of them ever exists.
+    chunks = build_model(spec, params_dtype=dtype, perform_initialization=False, use_te=False, meta=True)
     state = {"model": checkpoint.model_sharded_state_dict(chunks)}
-    parts = _saved_parts_of_fused_parameters(state, chunks)
-    with torch.no_grad():
-        for chunk in chunks:
-            for local_name, param in chunk.named_parameters():
-                rule, layer = mapping.match_megatron(_global_name(chunk, local_name))
-                out = parts.get(param, param.data)
-                mapping.import_shard(rule, spec, layer, weights, out, tp=tp, tp_rank=tp_rank)
+    apply_factories(state)
+    for index, chunk in enumerate(chunks):
+        entries = state["model"] if len(chunks) == 1 else state["model"][f"vp{index}"]
+        for local_name, _ in chunk.named_parameters():
+            rule, layer = mapping.match_megatron(_global_name(chunk, local_name))
+            saved = entries[local_name] if isinstance(entries[local_name], list) else [entries[local_name]]
+            views = weights.part_views(mapping.row_blocks(rule, spec, layer, weights, tp=tp, tp_rank=tp_rank), dtype)
+            for i, sh_ten in enumerate(saved):
+                sh_ten.data = torch.empty(sh_ten.local_shape, dtype=dtype) if views is None else views[i]
+                if tuple(sh_ten.data.shape) != tuple(sh_ten.local_shape):
+                    raise ValueError(f"{hf_dir}: rows for {local_name} have shape {tuple(sh_ten.data.shape)}, "
+                                     f"megatron expects {tuple(sh_ten.local_shape)}")
+            if views is None:
+                out = tuple(sh_ten.data for sh_ten in saved)
+                mapping.import_shard(rule, spec, layer, weights, out if len(out) > 1 else out[0], tp=tp,
+                                     tp_rank=tp_rank)
     hf_config = dict(spec.hf_config)
     hf_config["dtype"] = _DTYPE_NAMES[dtype]
     hf_config.pop("torch_dtype", None)
     spec = ModelSpec.from_hf_config(hf_config, source=spec.source)
     return checkpoint.save(out_root, 0, state, spec=spec, tokenizer_src=hf_dir)
-
-
-def _saved_parts_of_fused_parameters(state: dict, chunks: list) -> dict:
-    """Parameter -> (gate, up) for the parameters megatron saves in parts (SwiGLU's fused fc1), each part
-    with memory of its own, the parameter's released.
-
-    torch_dist's writer copies every tensor that is a view into a larger one, all of them before it writes
-    the first: saving fc1 as views of the parameter would hold the MLPs twice and copy them once. The
-    imported model is only saved, never run, so its fused parameters are filled as their parts instead
-    (megatron's factories are applied here, not inside the save)."""
-    from megatron.core.dist_checkpointing import ShardedTensor
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import apply_factories
-
-    apply_factories(state)
-    views: dict[int, list[ShardedTensor]] = {}
-    for sh_ten in nested_values(state):
-        if isinstance(sh_ten, ShardedTensor) and sh_ten.data.untyped_storage().nbytes() != sh_ten.data.nbytes:
-            views.setdefault(sh_ten.data.untyped_storage().data_ptr(), []).append(sh_ten)
-    parts = {}
-    for chunk in chunks:
-        for param in chunk.parameters():
-            saved = views.pop(param.untyped_storage().data_ptr(), None)
-            if saved:
-                for sh_ten in saved:
-                    sh_ten.data = torch.empty_like(sh_ten.data, memory_format=torch.contiguous_format)
-                parts[param] = tuple(sh_ten.data for sh_ten in saved)
-                param.data = torch.empty(0, dtype=param.dtype)
-    return parts
 
 
 def _global_name(chunk, local_name: str) -> str:

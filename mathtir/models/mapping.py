@@ -1,8 +1,9 @@
 """The HF Llama <-> megatron-core GPTModel weight mapping: one declarative table, used in both directions.
 
 Each `Rule` names a megatron parameter, the HF tensor(s) it is made of, how they combine (`transform`) and
-the axis megatron splits it along under tensor parallelism (`tp_axis`, None = replicated). Import reads,
-per TP rank, only the rows of the HF tensors that rank owns, straight into the parameter; export inverts
+the axis megatron splits it along under tensor parallelism (`tp_axis`, None = replicated). Import takes,
+per TP rank, only the rows of the HF tensors that rank owns (`row_blocks`), read straight into the
+parameter or, where they are one range of one tensor, used where they lie; export inverts
 the transform on the full (TP=1) megatron tensor.
 
 Layouts (verified in shared/notes/megatron-on-cpu.md):
@@ -114,55 +115,72 @@ def _chunk_bounds(n: int, tp: int, rank: int) -> tuple[int, int]:
     return rank * size, (rank + 1) * size
 
 
-def import_shard(rule: Rule, spec: ModelSpec, layer: int | None, source: RowSource,
-                 out: torch.Tensor | tuple[torch.Tensor, torch.Tensor], *, tp: int, tp_rank: int) -> None:
-    """Fill `out` (the megatron parameter as TP rank `tp_rank` holds it) from the rows of the HF tensors that
-    rank owns. Every row-split layout is a list of contiguous row blocks of `out`, read in place. A `gated`
-    parameter may be given as its two halves (gate rows, up rows), the parts megatron saves it as."""
+def row_blocks(rule: Rule, spec: ModelSpec, layer: int | None, source: RowSource, *, tp: int,
+               tp_rank: int) -> list[list[tuple[str, int, int]]] | None:
+    """The megatron parameter as TP rank `tp_rank` holds it, as HF row ranges stacked in order: a list of
+    (HF name, start, stop) blocks per part megatron saves it as (`gated`: the gate rows, then the up rows;
+    one part otherwise). None where rows alone do not describe it: a column split, or padding rows of the
+    vocabulary in this rank's range."""
     names = hf_names(rule, spec, layer)
-    if isinstance(out, tuple) and rule.transform != GATED:
-        raise ValueError(f"{', '.join(names)}: only a gated parameter can be filled in parts")
     if rule.transform == QKV:
         q_name, k_name, v_name = names
         hd, q_per_group = spec.head_dim, spec.num_attention_heads // spec.num_kv_heads
         g0, g1 = _chunk_bounds(spec.num_kv_heads, tp, tp_rank)
-        row = 0
+        blocks = []
         for g in range(g0, g1):  # per query group: its q heads, its k head, its v head
-            for name, first, count in ((q_name, g * q_per_group * hd, q_per_group * hd),
-                                       (k_name, g * hd, hd), (v_name, g * hd, hd)):
-                source.read_rows(name, first, first + count, out[row:row + count])
-                row += count
-        _expect_rows(out, row, names)
-    elif rule.transform == GATED:
-        gate_name, up_name = names
+            blocks += [(q_name, g * q_per_group * hd, (g + 1) * q_per_group * hd),
+                       (k_name, g * hd, (g + 1) * hd), (v_name, g * hd, (g + 1) * hd)]
+        return [blocks]
+    if rule.transform == GATED:
         start, stop = _chunk_bounds(spec.ffn_hidden_size, tp, tp_rank)
-        gate_out, up_out = out if isinstance(out, tuple) else (out[: stop - start], out[stop - start:])
-        _expect_rows(gate_out, stop - start, names)
-        _expect_rows(up_out, stop - start, names)
-        source.read_rows(gate_name, start, stop, gate_out)
-        source.read_rows(up_name, start, stop, up_out)
-    else:
-        (name,) = names
-        rows = source.shape(name)[0]
-        if rule.tp_axis is None:
-            source.read_rows(name, 0, rows, out)
-        elif rule.tp_axis == 1:  # column split: whole rows are read, this rank's columns kept
-            full = torch.empty((rows, *source.shape(name)[1:]), dtype=out.dtype)
-            source.read_rows(name, 0, rows, full)
-            start, stop = _chunk_bounds(full.shape[1], tp, tp_rank)
-            if out.shape != full[:, start:stop].shape:
-                raise ValueError(f"{name}: columns {start}:{stop} of {tuple(full.shape)} do not fit {tuple(out.shape)}")
-            out.copy_(full[:, start:stop])
-        elif rule.vocab_padded:  # this rank's rows of the padded vocabulary; padding rows are zero
-            start, stop = _chunk_bounds(spec.padded_vocab_size(tp), tp, tp_rank)
-            _expect_rows(out, stop - start, names)
-            real_stop = min(stop, spec.vocab_size)
-            if real_stop > start:
-                source.read_rows(name, start, real_stop, out[: real_stop - start])
-            out[max(real_stop - start, 0):].zero_()
-        else:
-            start, stop = _chunk_bounds(rows, tp, tp_rank)
-            source.read_rows(name, start, stop, out)
+        return [[(names[0], start, stop)], [(names[1], start, stop)]]
+    (name,) = names
+    rows = source.shape(name)[0]
+    if rule.tp_axis is None or (rule.tp_axis == 1 and tp == 1):
+        return [[(name, 0, rows)]]
+    if rule.tp_axis == 1:
+        return None
+    start, stop = _chunk_bounds(spec.padded_vocab_size(tp) if rule.vocab_padded else rows, tp, tp_rank)
+    return [[(name, start, stop)]] if stop <= rows else None
+
+
+def import_shard(rule: Rule, spec: ModelSpec, layer: int | None, source: RowSource,
+                 out: torch.Tensor | tuple[torch.Tensor, ...], *, tp: int, tp_rank: int) -> None:
+    """Fill `out` (the megatron parameter as TP rank `tp_rank` holds it, whole or as the tuple of parts
+    megatron saves it as) from the rows of the HF tensors that rank owns, read in place."""
+    names = hf_names(rule, spec, layer)
+    parts = out if isinstance(out, tuple) else (out,)
+    blocks = row_blocks(rule, spec, layer, source, tp=tp, tp_rank=tp_rank)
+    if blocks is not None:
+        if len(parts) == 1:
+            blocks = [[block for part_blocks in blocks for block in part_blocks]]
+        if len(parts) != len(blocks):
+            raise ValueError(f"{', '.join(names)}: given in {len(parts)} parts, megatron saves {len(blocks)}")
+        for part, part_blocks in zip(parts, blocks, strict=True):
+            row = 0
+            for name, start, stop in part_blocks:
+                source.read_rows(name, start, stop, part[row:row + stop - start])
+                row += stop - start
+            _expect_rows(part, row, names)
+        return
+    if len(parts) != 1:
+        raise ValueError(f"{', '.join(names)}: given in {len(parts)} parts, megatron saves it whole")
+    (name,), (out,) = names, parts
+    rows = source.shape(name)[0]
+    if rule.tp_axis == 1:  # column split: whole rows are read, this rank's columns kept
+        full = torch.empty((rows, *source.shape(name)[1:]), dtype=out.dtype)
+        source.read_rows(name, 0, rows, full)
+        start, stop = _chunk_bounds(full.shape[1], tp, tp_rank)
+        if out.shape != full[:, start:stop].shape:
+            raise ValueError(f"{name}: columns {start}:{stop} of {tuple(full.shape)} do not fit {tuple(out.shape)}")
+        out.copy_(full[:, start:stop])
+    else:  # this rank's rows of the padded vocabulary; padding rows are zero
+        start, stop = _chunk_bounds(spec.padded_vocab_size(tp), tp, tp_rank)
+        _expect_rows(out, stop - start, names)
+        real_stop = min(stop, spec.vocab_size)
+        if real_stop > start:
+            source.read_rows(name, start, real_stop, out[: real_stop - start])
+        out[max(real_stop - start, 0):].zero_()
 
 
 def _expect_rows(out: torch.Tensor, rows: int, names: tuple[str, ...]) -> None:
