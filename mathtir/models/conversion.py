@@ -12,6 +12,7 @@ import json
 import math
 import mmap
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ _SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
 
 
 class _SafetensorsFile:
@@ -250,6 +252,23 @@ def load_megatron(ckpt: str | Path, *, dtype: torch.dtype | None = None) -> tupl
     return spec, chunks
 
 
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """The safetensors format (header length, JSON header padded to 8 bytes, the tensors' bytes back to back)
+    written straight from the tensors' memory: safetensors' save_file first copies each into a bytes object."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, tensor in tensors.items():
+        header[name] = {"dtype": _SAFETENSORS_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + tensor.nbytes]}
+        offset += tensor.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for tensor in tensors.values():
+            f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
 def _read_groups(spec: ModelSpec) -> list[list[tuple[mapping.Rule, int | None]]]:
     """The (rule, layer) pairs export reads from the checkpoint in one go: each non-layer tensor alone and
     each decoder layer whole, in HF order. (With tied embeddings HF derives lm_head from the embedding.)"""
@@ -277,8 +296,6 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, *, hf_template: str | Path 
 
     No model is built: a meta-device model supplies only the sharding template, and the checkpoint is read
     one layer at a time, so memory holds a layer and a shard, never the model."""
-    from safetensors.torch import save_file
-
     root, iteration = resolve_root(ckpt)
     spec = ModelSpec.from_dir(root)
     dtype = checkpoint.stored_dtype(root, iteration)
@@ -304,17 +321,24 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, *, hf_template: str | Path 
         plan[-1].append(name)
     file_of = {n: f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i, shard in enumerate(plan) for n in shard}
     pending: dict[str, torch.Tensor] = {}
-    for group in groups:
-        wanted = [rule.megatron.format(i=layer) for rule, layer in group]
-        missing = [name for name in wanted if name not in template]
-        if missing:
-            raise KeyError(f"{root}: the model of this config has no parameter {missing[0]!r}")
-        loaded = reader.read({"model": {n: _materialized(template[n], dtype) for n in wanted}})["model"]
-        for (rule, layer), name in zip(group, wanted, strict=True):
-            pending.update(mapping.export_tensors(rule, spec, layer, loaded.pop(name)))
-        while plan and all(n in pending for n in plan[0]):
-            shard = {n: pending.pop(n) for n in plan.pop(0)}
-            save_file(shard, str(out_dir / file_of[next(iter(shard))]), metadata={"format": "pt"})
+    # One shard is written by a thread while the next layers are read (both mostly wait on I/O, GIL released).
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        writing = None
+        for group in groups:
+            wanted = [rule.megatron.format(i=layer) for rule, layer in group]
+            missing = [name for name in wanted if name not in template]
+            if missing:
+                raise KeyError(f"{root}: the model of this config has no parameter {missing[0]!r}")
+            loaded = reader.read({"model": {n: _materialized(template[n], dtype) for n in wanted}})["model"]
+            for (rule, layer), name in zip(group, wanted, strict=True):
+                pending.update(mapping.export_tensors(rule, spec, layer, loaded.pop(name)))
+            while plan and all(n in pending for n in plan[0]):
+                shard = {n: pending.pop(n) for n in plan.pop(0)}
+                if writing is not None:
+                    writing.result()  # at most one shard in flight: memory stays a layer and two shards
+                writing = writer.submit(_write_safetensors, out_dir / file_of[next(iter(shard))], shard)
+        if writing is not None:
+            writing.result()
     if plan or pending:
         raise RuntimeError(f"export of {root} left tensors unwritten: {sorted(pending)[:5]}")
     index = {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": dict(sorted(file_of.items()))}
