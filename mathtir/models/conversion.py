@@ -269,14 +269,17 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
             f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
-def _read_groups(spec: ModelSpec) -> list[list[tuple[mapping.Rule, int | None]]]:
-    """The (rule, layer) pairs export reads from the checkpoint in one go: each non-layer tensor alone and
-    each decoder layer whole, in HF order. (With tied embeddings HF derives lm_head from the embedding.)"""
+def _read_groups(spec: ModelSpec, layer_bytes: int, budget: int) -> list[list[tuple[mapping.Rule, int | None]]]:
+    """The (rule, layer) pairs export reads from the checkpoint in one go, in HF order: each non-layer tensor
+    alone, and whole decoder layers, as many consecutive ones as fit in `budget` bytes (at least one; each
+    read has a fixed cost, ~5 ms). With tied embeddings HF derives lm_head from the embedding."""
     layer_rules = [rule for rule in mapping.RULES if "{i}" in rule.megatron]
+    per_read = max(1, budget // layer_bytes)
     groups = []
     for rule in mapping.RULES:
         if rule is layer_rules[0]:
-            groups += [[(r, i) for r in layer_rules] for i in range(spec.num_layers)]
+            groups += [[(r, i) for i in range(first, min(first + per_read, spec.num_layers)) for r in layer_rules]
+                       for first in range(0, spec.num_layers, per_read)]
         elif "{i}" not in rule.megatron and not (rule.megatron == "output_layer.weight" and spec.tie_word_embeddings):
             groups.append([(rule, None)])
     return groups
@@ -307,13 +310,14 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, *, hf_template: str | Path 
     for stale in out_dir.glob("model*.safetensors*"):
         stale.unlink()
 
-    # Plan the shards from shapes alone, then write each as soon as its tensors exist.
-    groups = _read_groups(spec)
+    # Plan the reads and the shards from shapes alone (a shard and a read are at most the largest tensor,
+    # or one layer), then write each shard as soon as its tensors exist.
     itemsize = torch.empty((), dtype=dtype).element_size()
     shapes = mapping.expected_hf_shapes(spec)
-    names = [n for group in groups for rule, layer in group for n in mapping.hf_names(rule, spec, layer)]
-    nbytes = {n: math.prod(shapes[n]) * itemsize for n in names}
+    nbytes = {n: math.prod(shape) * itemsize for n, shape in shapes.items()}
     shard_limit = max(nbytes.values())
+    groups = _read_groups(spec, sum(b for n, b in nbytes.items() if n.startswith("model.layers.0.")), shard_limit)
+    names = [n for group in groups for rule, layer in group for n in mapping.hf_names(rule, spec, layer)]
     plan: list[list[str]] = [[]]
     for name in names:
         if plan[-1] and sum(nbytes[n] for n in plan[-1]) + nbytes[name] > shard_limit:
