@@ -20,10 +20,6 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
-from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from mathtir import cpu_compat
 from mathtir.distributed import barrier, rank
@@ -158,7 +154,7 @@ def _check_against_metadata(template: dict, ckpt_dir: Path, stored_shapes: dict[
             )
 
 
-def _iteration_to_read(root: str | Path, iteration: int | None) -> Path:
+def iteration_to_read(root: str | Path, iteration: int | None) -> Path:
     root = Path(root)
     if iteration is None:
         iteration = latest_iteration(root)
@@ -175,106 +171,11 @@ def load(root: str | Path, state_template: dict, iteration: int | None = None) -
     iteration `iteration` (default: the latest) of `root`, resharding as needed. Collective."""
     from megatron.core import dist_checkpointing
 
-    ckpt_dir = _iteration_to_read(root, iteration)
+    ckpt_dir = iteration_to_read(root, iteration)
     stored = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
     _check_against_metadata(state_template, ckpt_dir, {k: tuple(v.global_shape) for k, v in stored.items()})
     with cpu_compat.cuda_on_cpu():
         return dist_checkpointing.load(state_template, str(ckpt_dir))
-
-
-class _CachedMetadataReader(dcp.FileSystemReader):
-    """Reads the checkpoint's .metadata once, not once per dcp.load."""
-
-    def read_metadata(self):
-        if not hasattr(self, "_metadata"):
-            self._metadata = super().read_metadata()
-        return self._metadata
-
-
-class PartReader:
-    """Reads parts of one checkpoint iteration, e.g. one layer at a time of a meta-device model's sharded
-    state dict whose data were replaced by empty tensors; this process alone, no collective.
-
-    megatron's own load cannot do this in a one-process world: it describes the parts a process does not
-    read as held by "another rank", which with one rank is itself. So the regions are read here with
-    torch.distributed.checkpoint directly, through megatron's factories in both directions (e.g. SwiGLU's
-    fused fc1 is stored as two halves)."""
-
-    def __init__(self, root: str | Path, iteration: int | None = None):
-        self.dir = _iteration_to_read(root, iteration)
-        self._reader = _CachedMetadataReader(str(self.dir))
-        self._stored_shapes = {key: tuple(md.size) for key, md in self._reader.read_metadata().state_dict_metadata.items()
-                               if isinstance(md, TensorStorageMetadata)}
-
-    def read(self, state_template: dict) -> dict:
-        """Load the sharded entries of `state_template`, which may cover any part of the stored tensors."""
-        from megatron.core.dist_checkpointing import ShardedTensor
-        from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, extract_matching_values
-        from megatron.core.dist_checkpointing.mapping import (
-            ShardedTensorFactory,
-            apply_factories,
-            apply_factory_merges,
-        )
-
-        factories, _ = extract_matching_values(state_template, lambda x: isinstance(x, ShardedTensorFactory),
-                                               return_lists_as_dicts=True)
-        apply_factories(state_template)
-        _check_against_metadata(state_template, self.dir, self._stored_shapes)
-        regions: list[ShardedTensor] = []
-
-        def collect(value):
-            if not isinstance(value, ShardedTensor):
-                raise TypeError(f"PartReader reads tensors only, not {type(value).__name__} {getattr(value, 'key', '')}")
-            regions.append(value)
-            return value
-
-        dict_list_map_inplace(collect, state_template)
-        dcp.load({}, storage_reader=self._reader, planner=_RegionLoadPlanner(regions), no_dist=True)
-        loaded = dict_list_map_inplace(lambda sh_ten: sh_ten.data, state_template)
-        return apply_factory_merges(loaded, factories)
-
-
-class _RegionLoadPlanner(LoadPlanner):
-    """A torch.distributed.checkpoint load planner that fills each megatron ShardedTensor's data with its
-    region (global offset, local shape; layers as a prepended axis) of the stored global tensor."""
-
-    def __init__(self, regions: list):
-        self.by_key: dict[str, list] = {}
-        for sh_ten in regions:
-            self.by_key.setdefault(sh_ten.key, []).append(sh_ten)
-
-    def set_up_planner(self, state_dict, metadata=None, is_coordinator=False) -> None:
-        self.metadata = metadata
-
-    def create_local_plan(self) -> LoadPlan:
-        items = []
-        for key, sh_tens in self.by_key.items():
-            chunks = [ChunkStorageMetadata(offsets=torch.Size(t.global_offset), sizes=torch.Size(self._view(t).shape))
-                      for t in sh_tens]
-            items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], chunks)
-        return LoadPlan(items)
-
-    def create_global_plan(self, global_plan):
-        return global_plan
-
-    def finish_plan(self, new_plan):
-        return new_plan
-
-    def load_bytes(self, read_item, value) -> None:
-        raise ValueError(f"{read_item.dest_index.fqn}: stored as bytes, not as a tensor")
-
-    def resolve_tensor(self, read_item):
-        target = self._view(self.by_key[read_item.dest_index.fqn][read_item.dest_index.index])
-        for dim, (offset, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths, strict=True)):
-            target = target.narrow(dim, offset, length)
-        return target
-
-    def commit_tensor(self, read_item, tensor) -> None:
-        pass  # resolve_tensor handed out a view of the destination: the data is already in place
-
-    @staticmethod
-    def _view(sh_ten):
-        return sh_ten.data.view((1,) * sh_ten.prepend_axis_num + tuple(sh_ten.local_shape))
 
 
 def model_sharded_state_dict(chunks: list) -> dict:

@@ -140,3 +140,38 @@ def test_hf_side_errors_name_file_and_tensor(tiny_llama_dir, tmp_path):
     (bad / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": cfg["num_hidden_layers"] + 1}))
     with pytest.raises(KeyError, match=r"model\.layers\.2\.input_layernorm\.weight.*missing"):
         HFWeights(bad).check_against(ModelSpec.from_dir(bad))
+
+
+def test_checkpoint_regions_read_in_place_or_by_torch_give_torchs_bytes(tiny_tp2_ckpt):
+    """Export's reader puts a stored chunk's bytes straight into the destination where they are one run of
+    it, and leaves the rest to torch's reader (e.g. TP=2's column halves, a cast): all must equal what
+    torch's own load of the whole tensors gives."""
+    import torch.distributed.checkpoint as dcp
+
+    from mathtir.checkpoint_regions import PartReader
+
+    reader = PartReader(tiny_tp2_ckpt)
+    expected = {key: torch.empty(shape) for key, shape in reader.stored_shapes.items()}  # stored in fp32
+    dcp.load(expected, storage_reader=dcp.FileSystemReader(str(reader.dir)), no_dist=True)
+
+    qkv, proj = "decoder.layers.self_attention.linear_qkv.weight", "decoder.layers.self_attention.linear_proj.weight"
+    rows = torch.empty(1, 5, reader.stored_shapes[qkv][2])  # layer 1, rows 3..7: inside rank 0's chunk
+    reader.read([(qkv, (1, 3, 0), rows)])
+    assert reader.in_place_reads == 1 and torch.equal(rows, expected[qkv][1:2, 3:8])
+
+    whole_proj = torch.empty(reader.stored_shapes[proj])  # every layer's two column halves
+    reader.read([(proj, (0, 0, 0), whole_proj)])
+    assert reader.in_place_reads == 1 and torch.equal(whole_proj, expected[proj])
+
+    cast = torch.empty(reader.stored_shapes[qkv], dtype=torch.bfloat16)
+    reader.read([(qkv, (0, 0, 0), cast)])
+    assert reader.in_place_reads == 1 and torch.equal(cast, expected[qkv].to(torch.bfloat16))
+
+    everything = {key: torch.full(shape, float("nan")) for key, shape in reader.stored_shapes.items()}
+    reader.read([(key, (0,) * t.dim(), t) for key, t in everything.items()])
+    assert reader.in_place_reads > 1
+    for key, t in everything.items():
+        assert torch.equal(t, expected[key]), key
+
+    with pytest.raises(ValueError, match=r"region at \[0, 0, 1\] .* is outside tensor 'decoder\.layers"):
+        reader.read([(proj, (0, 0, 1), whole_proj)])

@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 
 from mathtir import checkpoint
+from mathtir.checkpoint_regions import PartReader
 from mathtir.models import mapping
 from mathtir.models.llama import ModelSpec, build_model
+from mathtir.rawio import pread_into
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}
@@ -92,14 +94,11 @@ class _SafetensorsFile:
         if end - begin != row_bytes * shape[0]:
             raise ValueError(f"{self.path}: tensor {name!r}: data size does not match shape {list(shape)}")
         target = out if out.dtype == dtype and out.is_contiguous() else torch.empty(out.shape, dtype=dtype)
-        view = memoryview(target.view(-1).view(torch.uint8).numpy()) if target.numel() else memoryview(b"")
-        offset = self.data_start + begin + start * row_bytes
-        with open(self.path, "rb", buffering=0) as f:
-            while view.nbytes:
-                got = os.preadv(f.fileno(), [view], offset)
-                if got <= 0:
-                    raise ValueError(f"{self.path}: truncated while reading tensor {name!r}")
-                view, offset = view[got:], offset + got
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            pread_into(fd, self.data_start + begin + start * row_bytes, target, f"{self.path}: tensor {name!r}")
+        finally:
+            os.close(fd)
         if target is not out:
             out.copy_(target)
 
@@ -285,12 +284,21 @@ def _read_groups(spec: ModelSpec, layer_bytes: int, budget: int) -> list[list[tu
     return groups
 
 
-def _materialized(entry, dtype: torch.dtype):
-    """A sharded-state-dict entry of a meta-device model with real (empty) memory to load into."""
-    import dataclasses
-
-    shape = entry.local_shape if hasattr(entry, "local_shape") else entry.data.shape
-    return dataclasses.replace(entry, data=torch.empty(shape, dtype=dtype))
+def _stored_place(entry, rule: mapping.Rule, spec: ModelSpec, stored_shapes: dict, root: Path):
+    """A meta-device model's sharded-state-dict entry -> (torch_dist key, offsets along its prepended axes,
+    i.e. the layer index for layer tensors), once the stored tensor is known to have the shape the config
+    implies (a vocabulary padded for whatever TP the checkpoint was written at)."""
+    if not hasattr(entry, "prepend_axis_num"):  # a factory (SwiGLU's fc1): its parts share key and layer
+        entry = entry.build()[0]
+    have, want = stored_shapes.get(entry.key), tuple(entry.global_shape)
+    if have is None:
+        raise KeyError(f"{root}: tensor {entry.key!r} is missing (a checkpoint of another architecture?)")
+    fits = have == want or (rule.vocab_padded and have[1:] == want[1:]
+                            and any(have[0] == spec.padded_vocab_size(tp) for tp in range(1, 1025)))
+    if not fits:
+        raise ValueError(f"{root}: tensor {entry.key!r} has shape {have} but the model expects {want} "
+                         "(a checkpoint of another architecture or config?)")
+    return entry.key, tuple(entry.global_offset[: entry.prepend_axis_num])
 
 
 def export_hf(ckpt: str | Path, out_dir: str | Path, *, hf_template: str | Path | None = None) -> Path:
@@ -304,7 +312,7 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, *, hf_template: str | Path 
     dtype = checkpoint.stored_dtype(root, iteration)
     (meta_model,) = build_model(spec, params_dtype=dtype, perform_initialization=False, use_te=False, meta=True)
     template = meta_model.sharded_state_dict()
-    reader = checkpoint.PartReader(root, iteration)
+    reader = PartReader(root, iteration)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("model*.safetensors*"):
@@ -324,18 +332,33 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, *, hf_template: str | Path 
             plan.append([])
         plan[-1].append(name)
     file_of = {n: f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i, shard in enumerate(plan) for n in shard}
+    places = {}  # every stored tensor checked before anything is written
+    for rule, layer in (pair for group in groups for pair in group):
+        name = rule.megatron.format(i=layer)
+        if name not in template:
+            raise KeyError(f"{root}: the model of this config has no parameter {name!r}")
+        places[name] = _stored_place(template[name], rule, spec, reader.stored_shapes, reader.dir)
     pending: dict[str, torch.Tensor] = {}
     # One shard is written by a thread while the next layers are read (both mostly wait on I/O, GIL released).
     with ThreadPoolExecutor(max_workers=1) as writer:
         writing = None
         for group in groups:
-            wanted = [rule.megatron.format(i=layer) for rule, layer in group]
-            missing = [name for name in wanted if name not in template]
-            if missing:
-                raise KeyError(f"{root}: the model of this config has no parameter {missing[0]!r}")
-            loaded = reader.read({"model": {n: _materialized(template[n], dtype) for n in wanted}})["model"]
-            for (rule, layer), name in zip(group, wanted, strict=True):
-                pending.update(mapping.export_tensors(rule, spec, layer, loaded.pop(name)))
+            # Each HF tensor is allocated once and its row ranges are read into it where they lie in the stored
+            # megatron tensor: no megatron tensor is assembled, split or copied.
+            tensors: dict[str, torch.Tensor] = {}
+            regions = []
+            for rule, layer in group:
+                key, layer_offsets = places[rule.megatron.format(i=layer)]
+                row = 0
+                for hf_name, start, stop in mapping.full_row_blocks(rule, spec, layer, shapes):
+                    if hf_name not in tensors:
+                        tensors[hf_name] = torch.empty(shapes[hf_name], dtype=dtype)
+                    rows = tensors[hf_name][start:stop].view((1,) * len(layer_offsets) + (stop - start,)
+                                                             + shapes[hf_name][1:])
+                    regions.append((key, (*layer_offsets, row) + (0,) * (len(shapes[hf_name]) - 1), rows))
+                    row += stop - start
+            reader.read(regions)
+            pending.update(tensors)
             while plan and all(n in pending for n in plan[0]):
                 shard = {n: pending.pop(n) for n in plan.pop(0)}
                 if writing is not None:

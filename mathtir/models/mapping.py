@@ -3,13 +3,14 @@
 Each `Rule` names a megatron parameter, the HF tensor(s) it is made of, how they combine (`transform`) and
 the axis megatron splits it along under tensor parallelism (`tp_axis`, None = replicated). Import takes,
 per TP rank, only the rows of the HF tensors that rank owns (`row_blocks`), read straight into the
-parameter or, where they are one range of one tensor, used where they lie; export inverts
-the transform on the full (TP=1) megatron tensor.
+parameter or, where they are one range of one tensor, used where they lie; export reads the same row
+ranges of the whole stored tensor (`full_row_blocks`) straight into the HF tensors.
 
 Layouts (verified in shared/notes/megatron-on-cpu.md):
 * `qkv`: megatron's fused QKV weight interleaves per query group: for each of the ng groups, its nh/ng query
   heads, then its key head, then its value head. A TP rank owns whole query groups, i.e. a contiguous chunk.
-* `gated`: linear_fc1 = cat(gate, up), but TP rank r holds cat(gate shard r, up shard r), not a plain chunk.
+* `gated`: linear_fc1 = cat(gate, up), but TP rank r holds cat(gate shard r, up shard r), not a plain chunk;
+  megatron saves the two halves apart, so torch_dist's stored tensor is cat(gate, up) at any TP.
 * `vocab`-padded tensors have zero rows appended up to `ModelSpec.padded_vocab_size(tp)`.
 HF q/k already use the rotate-half RoPE layout megatron expects: no permutation.
 """
@@ -188,20 +189,23 @@ def _expect_rows(out: torch.Tensor, rows: int, names: tuple[str, ...]) -> None:
         raise ValueError(f"{', '.join(names)}: {rows} rows for this rank, megatron expects {out.shape[0]}")
 
 
-def export_tensors(rule: Rule, spec: ModelSpec, layer: int | None, full: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Invert `rule` on the full (TP=1) megatron tensor: HF name -> tensor. (With tied embeddings the
-    output layer is not exported: HF derives lm_head from the embedding.)"""
-    names = hf_names(rule, spec, layer)
-    if rule.transform == QKV:
-        ng, hd = spec.num_kv_heads, spec.head_dim
-        q_per_group = spec.num_attention_heads // ng
-        grouped = full.reshape(ng, (q_per_group + 2) * hd, -1)
-        q, k, v = torch.split(grouped, [q_per_group * hd, hd, hd], dim=1)
-        return {n: t.reshape(-1, full.shape[-1]).contiguous() for n, t in zip(names, (q, k, v), strict=True)}
-    if rule.transform == GATED:
-        gate, up = torch.chunk(full, 2, dim=0)
-        return {names[0]: gate.contiguous(), names[1]: up.contiguous()}
-    (name,) = names
+def full_row_blocks(rule: Rule, spec: ModelSpec, layer: int | None,
+                    hf_shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, int, int]]:
+    """The whole megatron tensor, as torch_dist stores it (every TP rank's part in its place), as HF row
+    ranges stacked from row 0; any rows after them are vocabulary padding. Export reads each range straight
+    into its HF tensor. `hf_shapes`: `expected_hf_shapes(spec)`. (With tied embeddings the output layer is
+    the embedding: HF has no lm_head.)"""
     if rule.vocab_padded:
-        full = full[: spec.vocab_size]
-    return {name: full.contiguous()}
+        return [(hf_names(rule, spec, layer)[0], 0, spec.vocab_size)]
+    blocks = row_blocks(rule, spec, layer, _Shapes(hf_shapes), tp=1, tp_rank=0)
+    return [block for part in blocks for block in part]
+
+
+class _Shapes:
+    """A dict of HF shapes as the RowSource `row_blocks` asks for."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]]):
+        self.shapes = shapes
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name]
