@@ -8,7 +8,8 @@ as the leading axis of each layer tensor).
 Each stored tensor is a torch.save zip archive inside a .distcp file. torch.distributed.checkpoint's reader
 deserializes it into new memory and copies the wanted region from there; where the archive holds the tensor
 plainly (uncompressed, contiguous, little-endian) and the region is one run of its bytes, the bytes are read
-here straight into the destination instead. Anything else takes torch's own path.
+here straight into the destination instead, or handed out as file ranges to copy file to file. Anything
+else takes torch's own path.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
@@ -52,14 +53,44 @@ class PartReader:
 
     def read(self, regions: list[Region]) -> None:
         for key, offsets, data in regions:
-            if key not in self.stored_shapes:
-                raise KeyError(f"{self.dir}: tensor {key!r} is missing (a checkpoint of another architecture?)")
-            shape = self.stored_shapes[key]
-            if len(offsets) != len(shape) or data.dim() != len(shape) or any(
-                    o < 0 or o + n > s for o, n, s in zip(offsets, data.shape, shape, strict=True)):
-                raise ValueError(f"{self.dir}: region at {list(offsets)} of shape {list(data.shape)} is outside "
-                                 f"tensor {key!r} {list(shape)} (a checkpoint of another config?)")
+            self._check_region(key, offsets, tuple(data.shape))
         dcp.load({}, storage_reader=self._reader, planner=_RegionLoadPlanner(regions), no_dist=True)
+
+    def byte_runs(self, key: str, offsets: tuple[int, ...], shape: tuple[int, ...],
+                  dtype: torch.dtype) -> list[tuple[Path, int, int]] | None:
+        """Where a region's bytes lie in the checkpoint's files, as (file, offset, length) runs that give the
+        region in row-major order (e.g. a layer's rows over TP=2's two row chunks), so they can be copied file
+        to file; None where they are not plainly there (a column split, another dtype): `read` it then."""
+        self._check_region(key, offsets, shape)
+        k = next((d for d, n in enumerate(shape) if n != 1), len(shape) - 1)  # the dimension chunks may split
+        pieces = []
+        for chunk in self._reader.read_metadata().state_dict_metadata[key].chunks:
+            start = [max(o, c) for o, c in zip(offsets, chunk.offsets, strict=True)]
+            stop = [min(o + n, c + s) for o, n, c, s in zip(offsets, shape, chunk.offsets, chunk.sizes, strict=True)]
+            lengths = [b - a for a, b in zip(start, stop, strict=True)]
+            if any(n <= 0 for n in lengths):
+                continue
+            if any(lengths[d] != shape[d] for d in range(len(shape)) if d != k):
+                return None
+            info = self._reader.read_metadata().storage_data[MetadataIndex(key, chunk.offsets)]
+            stored = self._reader.plain_tensor(info)
+            within = [a - c for a, c in zip(start, chunk.offsets, strict=True)]
+            span = _contiguous_span(tuple(chunk.sizes), within, lengths)
+            if stored is None or stored[1:] != (dtype, tuple(chunk.sizes)) or span is None:
+                return None
+            pieces.append((start[k], (self.dir / info.relative_path, stored[0] + span[0] * dtype.itemsize,
+                                      span[1] * dtype.itemsize)))
+        runs = [run for _, run in sorted(pieces, key=lambda piece: piece[0])]
+        return runs if sum(n for _, _, n in runs) == math.prod(shape) * dtype.itemsize else None
+
+    def _check_region(self, key: str, offsets: tuple[int, ...], shape: tuple[int, ...]) -> None:
+        if key not in self.stored_shapes:
+            raise KeyError(f"{self.dir}: tensor {key!r} is missing (a checkpoint of another architecture?)")
+        stored = self.stored_shapes[key]
+        if len(offsets) != len(stored) or len(shape) != len(stored) or any(
+                o < 0 or o + n > s for o, n, s in zip(offsets, shape, stored, strict=True)):
+            raise ValueError(f"{self.dir}: region at {list(offsets)} of shape {list(shape)} is outside "
+                             f"tensor {key!r} {list(stored)} (a checkpoint of another config?)")
 
 
 class _RegionLoadPlanner(LoadPlanner):
@@ -131,11 +162,19 @@ class _InPlaceReader(dcp.FileSystemReader):
                 os.close(fd)
         return super().read_data(dataclasses.replace(plan, items=rest), planner)
 
-    def _read_in_place(self, fd: int, info, item: ReadItem, planner: LoadPlanner) -> bool:
-        where = f"{Path(self.path) / info.relative_path}: {item.storage_index.fqn}"
+    def plain_tensor(self, info) -> tuple[int, torch.dtype, tuple[int, ...]] | None:
+        """`_plain_tensor` of the stored chunk `info` (a _StorageInfo), worked out once."""
         if (info.relative_path, info.offset) not in self._plain:
-            self._plain[info.relative_path, info.offset] = _plain_tensor(fd, info.offset, info.length, where)
-        stored = self._plain[info.relative_path, info.offset]
+            path = Path(self.path) / info.relative_path
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                self._plain[info.relative_path, info.offset] = _plain_tensor(fd, info.offset, info.length, str(path))
+            finally:
+                os.close(fd)
+        return self._plain[info.relative_path, info.offset]
+
+    def _read_in_place(self, fd: int, info, item: ReadItem, planner: LoadPlanner) -> bool:
+        stored = self.plain_tensor(info)
         if stored is None:
             return False
         data_offset, dtype, shape = stored
@@ -143,7 +182,8 @@ class _InPlaceReader(dcp.FileSystemReader):
         target = planner.resolve_tensor(item).detach()
         if span is None or target.dtype != dtype or not target.is_contiguous() or target.numel() != span[1]:
             return False
-        pread_into(fd, data_offset + span[0] * target.element_size(), target, where)
+        pread_into(fd, data_offset + span[0] * target.element_size(), target,
+                   f"{Path(self.path) / info.relative_path}: {item.storage_index.fqn}")
         planner.commit_tensor(item, target)
         return True
 

@@ -163,18 +163,19 @@ class _CudaAsCpu(TorchFunctionMode):
     that megatron's optimizer code asserts on."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
+        # Called for every torch call inside (thousands per checkpoint save): the common case passes through.
         if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
             return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
-        if _is_cuda(kwargs.get("device")):
-            kwargs["device"] = "cpu"
+        if kwargs and (_is_cuda(kwargs.get("device")) or "pin_memory" in kwargs):
+            kwargs = {k: v for k, v in kwargs.items() if k != "pin_memory"}
+            if _is_cuda(kwargs.get("device")):
+                kwargs["device"] = "cpu"
         if func is torch.Tensor.to:
             args = tuple("cpu" if _is_cuda(a) else a for a in args)
-        kwargs.pop("pin_memory", None)
-        return func(*args, **kwargs)
+        return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager

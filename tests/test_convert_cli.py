@@ -144,8 +144,8 @@ def test_hf_side_errors_name_file_and_tensor(tiny_llama_dir, tmp_path):
 
 def test_checkpoint_regions_read_in_place_or_by_torch_give_torchs_bytes(tiny_tp2_ckpt):
     """Export's reader puts a stored chunk's bytes straight into the destination where they are one run of
-    it, and leaves the rest to torch's reader (e.g. TP=2's column halves, a cast): all must equal what
-    torch's own load of the whole tensors gives."""
+    it, or hands out where they lie, and leaves the rest to torch's reader (e.g. TP=2's column halves, a
+    cast): all must equal what torch's own load of the whole tensors gives."""
     import torch.distributed.checkpoint as dcp
 
     from mathtir.checkpoint_regions import PartReader
@@ -175,3 +175,15 @@ def test_checkpoint_regions_read_in_place_or_by_torch_give_torchs_bytes(tiny_tp2
 
     with pytest.raises(ValueError, match=r"region at \[0, 0, 1\] .* is outside tensor 'decoder\.layers"):
         reader.read([(proj, (0, 0, 1), whole_proj)])
+
+    # Export copies file to file what byte_runs finds: the runs' bytes must be the region, row-major.
+    def bytes_of(runs):
+        return b"".join(path.read_bytes()[offset:offset + length] for path, offset, length in runs)
+
+    embedding = "embedding.word_embeddings.weight"  # stored as TP=2's two row chunks
+    runs = reader.byte_runs(embedding, (0, 0), reader.stored_shapes[embedding], torch.float32)
+    assert len(runs) == 2 and bytes_of(runs) == expected[embedding].numpy().tobytes()
+    runs = reader.byte_runs(qkv, (1, 3, 0), tuple(rows.shape), torch.float32)
+    assert len(runs) == 1 and bytes_of(runs) == expected[qkv][1:2, 3:8].numpy().tobytes()
+    assert reader.byte_runs(proj, (0, 0, 0), (1, *reader.stored_shapes[proj][1:]), torch.float32) is None
+    assert reader.byte_runs(qkv, (1, 3, 0), tuple(rows.shape), torch.bfloat16) is None

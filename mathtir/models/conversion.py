@@ -8,11 +8,13 @@ HF safetensors shards out rule by rule; no model is built. Neither holds two cop
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -251,9 +253,24 @@ def load_megatron(ckpt: str | Path, *, dtype: torch.dtype | None = None) -> tupl
     return spec, chunks
 
 
-def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+@dataclass(frozen=True)
+class _FileRuns:
+    """An HF tensor whose bytes are, in order, these (file, offset, length) runs of the checkpoint's files:
+    the kernel copies them file to file, through no memory of ours."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    runs: list[tuple[Path, int, int]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(length for _, _, length in self.runs)
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor | _FileRuns]) -> None:
     """The safetensors format (header length, JSON header padded to 8 bytes, the tensors' bytes back to back)
-    written straight from the tensors' memory: safetensors' save_file first copies each into a bytes object."""
+    written straight from the tensors' memory or the checkpoint's files (safetensors' save_file first copies
+    each tensor into a bytes object)."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, tensor in tensors.items():
@@ -262,10 +279,27 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         offset += tensor.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little") + raw)
+    with open(path, "wb", buffering=0) as f, contextlib.ExitStack() as sources:
+        fds: dict[Path, int] = {}
+        _write_all(f, len(raw).to_bytes(8, "little") + raw)
         for tensor in tensors.values():
-            f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            if isinstance(tensor, torch.Tensor):
+                _write_all(f, tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                continue
+            for src, start, length in tensor.runs:
+                if src not in fds:
+                    fds[src] = sources.enter_context(open(src, "rb", buffering=0)).fileno()
+                while length:  # sendfile writes at f's position and moves it on
+                    sent = os.sendfile(f.fileno(), fds[src], start, length)
+                    if sent <= 0:
+                        raise ValueError(f"{src}: truncated (wanted {length} more bytes at {start})")
+                    start, length = start + sent, length - sent
+
+
+def _write_all(f, data) -> None:
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        view = view[f.write(view):]
 
 
 def _read_groups(spec: ModelSpec, layer_bytes: int, budget: int) -> list[list[tuple[mapping.Rule, int | None]]]:
@@ -301,12 +335,40 @@ def _stored_place(entry, rule: mapping.Rule, spec: ModelSpec, stored_shapes: dic
     return entry.key, tuple(entry.global_offset[: entry.prepend_axis_num])
 
 
+def _locate(group, spec: ModelSpec, shapes: dict, dtype: torch.dtype, places: dict,
+            reader: PartReader) -> tuple[dict[str, torch.Tensor | _FileRuns], list]:
+    """The HF tensors of a read group, each found where its row ranges lie in the stored megatron tensors:
+    as file runs where they are plainly there, else as a tensor to read them into (the regions returned). No
+    megatron tensor is assembled, split or copied."""
+    tensors: dict[str, torch.Tensor | _FileRuns] = {}
+    regions = []
+    for rule, layer in group:
+        key, layer_offsets = places[rule.megatron.format(i=layer)]
+        blocks_of: dict[str, list[tuple[int, int, tuple[int, ...], tuple[int, ...]]]] = {}
+        row = 0  # in the stored tensor
+        for hf_name, start, stop in mapping.full_row_blocks(rule, spec, layer, shapes):
+            trailing = shapes[hf_name][1:]
+            blocks_of.setdefault(hf_name, []).append((start, stop, (*layer_offsets, row) + (0,) * len(trailing),
+                                                      (1,) * len(layer_offsets) + (stop - start, *trailing)))
+            row += stop - start
+        for hf_name, blocks in blocks_of.items():
+            blocks.sort()
+            runs = [reader.byte_runs(key, offsets, shape, dtype) for _, _, offsets, shape in blocks]
+            if all(r is not None for r in runs):
+                tensors[hf_name] = _FileRuns(dtype, shapes[hf_name], [run for r in runs for run in r])
+            else:
+                tensor = tensors[hf_name] = torch.empty(shapes[hf_name], dtype=dtype)
+                regions += [(key, offsets, tensor[start:stop].view(shape)) for start, stop, offsets, shape in blocks]
+    return tensors, regions
+
+
 def export_hf(ckpt: str | Path, out_dir: str | Path, *, hf_template: str | Path | None = None) -> Path:
     """Single process, any TP/PP the checkpoint was written at (torch_dist reshards on read). Writes
     safetensors shards with an index, config.json, generation_config.json and the tokenizer files.
 
-    No model is built: a meta-device model supplies only the sharding template, and the checkpoint is read
-    one layer at a time, so memory holds a layer and a shard, never the model."""
+    No model is built: a meta-device model supplies only the sharding template. Tensors stored plainly are
+    copied file to file by the kernel; the rest (e.g. a TP>1 checkpoint's column splits) are read a group of
+    layers at a time, so memory holds at most a few layers and a shard, never the model."""
     root, iteration = resolve_root(ckpt)
     spec = ModelSpec.from_dir(root)
     dtype = checkpoint.stored_dtype(root, iteration)
@@ -338,26 +400,14 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, *, hf_template: str | Path 
         if name not in template:
             raise KeyError(f"{root}: the model of this config has no parameter {name!r}")
         places[name] = _stored_place(template[name], rule, spec, reader.stored_shapes, reader.dir)
-    pending: dict[str, torch.Tensor] = {}
+    pending: dict[str, torch.Tensor | _FileRuns] = {}
     # One shard is written by a thread while the next layers are read (both mostly wait on I/O, GIL released).
     with ThreadPoolExecutor(max_workers=1) as writer:
         writing = None
         for group in groups:
-            # Each HF tensor is allocated once and its row ranges are read into it where they lie in the stored
-            # megatron tensor: no megatron tensor is assembled, split or copied.
-            tensors: dict[str, torch.Tensor] = {}
-            regions = []
-            for rule, layer in group:
-                key, layer_offsets = places[rule.megatron.format(i=layer)]
-                row = 0
-                for hf_name, start, stop in mapping.full_row_blocks(rule, spec, layer, shapes):
-                    if hf_name not in tensors:
-                        tensors[hf_name] = torch.empty(shapes[hf_name], dtype=dtype)
-                    rows = tensors[hf_name][start:stop].view((1,) * len(layer_offsets) + (stop - start,)
-                                                             + shapes[hf_name][1:])
-                    regions.append((key, (*layer_offsets, row) + (0,) * (len(shapes[hf_name]) - 1), rows))
-                    row += stop - start
-            reader.read(regions)
+            tensors, regions = _locate(group, spec, shapes, dtype, places, reader)
+            if regions:
+                reader.read(regions)
             pending.update(tensors)
             while plan and all(n in pending for n in plan[0]):
                 shard = {n: pending.pop(n) for n in plan.pop(0)}
