@@ -2,8 +2,9 @@
 
 Import: every rank builds only its own TP/PP part of the model and fills it with the row ranges of the HF
 tensors it owns, read straight from the safetensors files, then all ranks write one torch_dist checkpoint.
-Export: one process reads the checkpoint a layer at a time (whatever TP/PP it was written at) and streams
-HF safetensors shards out rule by rule; no model is built. Neither holds two copies of the model.
+Export: one process, no model built, whatever TP/PP the checkpoint was written at: each HF tensor's row
+ranges are located in the stored tensors and copied file to file into safetensors shards (or, where not
+stored plainly, read into memory a few layers at a time). Neither holds two copies of the model.
 """
 
 from __future__ import annotations
