@@ -148,7 +148,7 @@ class _InPlaceReader(dcp.FileSystemReader):
         try:
             for item in plan.items:
                 info = self.storage_data[item.storage_index]
-                if item.type != LoadItemType.TENSOR or info.transform_descriptors:
+                if item.type != LoadItemType.TENSOR:
                     rest.append(item)
                     continue
                 if info.relative_path not in files:
@@ -163,7 +163,10 @@ class _InPlaceReader(dcp.FileSystemReader):
         return super().read_data(dataclasses.replace(plan, items=rest), planner)
 
     def plain_tensor(self, info) -> tuple[int, torch.dtype, tuple[int, ...]] | None:
-        """`_plain_tensor` of the stored chunk `info` (a _StorageInfo), worked out once."""
+        """`_plain_tensor` of the stored chunk `info` (a _StorageInfo), worked out once; None for a chunk stored
+        through transforms (torch's storage extensions, e.g. compression)."""
+        if getattr(info, "transform_descriptors", None):
+            return None
         if (info.relative_path, info.offset) not in self._plain:
             path = Path(self.path) / info.relative_path
             fd = os.open(path, os.O_RDONLY)
