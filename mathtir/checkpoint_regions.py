@@ -1,4 +1,5 @@
-"""Regions of a torch_dist checkpoint's tensors read into memory the caller provides, by one process alone.
+"""Regions of a torch_dist checkpoint's tensors, by one process alone: read into memory the caller provides,
+or located as runs of the checkpoint's files.
 
 megatron's own load cannot do this in a one-process world: it describes the parts a process does not read
 as held by "another rank", which with one rank is itself. So regions are read with
@@ -270,8 +271,10 @@ def _plain_tensor(fd: int, start: int, length: int, where: str) -> tuple[int, to
     except (pickle.UnpicklingError, ValueError, TypeError, EOFError):
         return None
     data = entries.get(f"{prefix}data/{key}")
+    if not isinstance(dtype, torch.dtype) or data is None:
+        return None
     contiguous = tuple(math.prod(shape[d + 1:]) for d in range(len(shape)))
-    if (data is None or storage_offset != 0 or numel != math.prod(shape) or data.file_size != numel * dtype.itemsize
+    if (storage_offset != 0 or numel != math.prod(shape) or data.file_size != numel * dtype.itemsize
             or any(n > 1 and s != c for n, s, c in zip(shape, stride, contiguous, strict=True))):
         return None
     return _record_start(fd, start, data, where), dtype, shape
