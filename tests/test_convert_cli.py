@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -187,3 +189,24 @@ def test_checkpoint_regions_read_in_place_or_by_torch_give_torchs_bytes(tiny_tp2
     assert len(runs) == 1 and bytes_of(runs) == expected[qkv][1:2, 3:8].numpy().tobytes()
     assert reader.byte_runs(proj, (0, 0, 0), (1, *reader.stored_shapes[proj][1:]), torch.float32) is None
     assert reader.byte_runs(qkv, (1, 3, 0), tuple(rows.shape), torch.bfloat16) is None
+
+
+@pytest.mark.parametrize("splice", [True, False])
+def test_copy_run_copies_file_ranges_with_or_without_splice(tmp_path, monkeypatch, splice):
+    """Export's file-to-file copy, and its fallback where sendfile is refused (EINVAL on some mounts)."""
+    from mathtir.models.conversion import copy_run
+
+    if not splice:
+        def refuse(*_):
+            raise OSError(errno.EINVAL, "no splice here")
+        monkeypatch.setattr(os, "sendfile", refuse)
+    src = tmp_path / "src"
+    src.write_bytes(bytes(range(256)) * 100)
+    with open(src, "rb") as s, open(tmp_path / "out", "wb", buffering=0) as out:
+        out.write(b"head")
+        copy_run(out.fileno(), s.fileno(), 300, 1000, src)
+        copy_run(out.fileno(), s.fileno(), 0, 7, src)
+        with pytest.raises(ValueError, match="src: truncated"):
+            copy_run(out.fileno(), s.fileno(), 25_590, 20, src)
+    data = src.read_bytes()
+    assert (tmp_path / "out").read_bytes() == b"head" + data[300:1300] + data[:7] + data[25_590:]

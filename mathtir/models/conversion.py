@@ -10,6 +10,7 @@ stored plainly, read into memory a few layers at a time). Neither holds two copi
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import mmap
@@ -290,11 +291,22 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor | _FileRuns])
             for src, start, length in tensor.runs:
                 if src not in fds:
                     fds[src] = sources.enter_context(open(src, "rb", buffering=0)).fileno()
-                while length:  # sendfile writes at f's position and moves it on
-                    sent = os.sendfile(f.fileno(), fds[src], start, length)
-                    if sent <= 0:
-                        raise ValueError(f"{src}: truncated (wanted {length} more bytes at {start})")
-                    start, length = start + sent, length - sent
+                copy_run(f.fileno(), fds[src], start, length, src)
+
+
+def copy_run(out_fd: int, src_fd: int, start: int, length: int, src: Path) -> None:
+    """Bytes [start, start + length) of src appended at out's position: by the kernel (sendfile), or through a
+    buffer where the filesystems cannot splice (some FUSE mounts answer EINVAL)."""
+    while length:
+        try:
+            sent = os.sendfile(out_fd, src_fd, start, length)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            sent = os.write(out_fd, os.pread(src_fd, min(length, 64 << 20), start))
+        if sent <= 0:
+            raise ValueError(f"{src}: truncated (wanted {length} more bytes at {start})")
+        start, length = start + sent, length - sent
 
 
 def _write_all(f, data) -> None:
