@@ -8,8 +8,10 @@ one do not flatter the next; the files are in the page cache for all, dirty page
 reports its own time and peak RSS above the process's baseline after imports (the kernel's VmHWM, reset
 before the operation; torch_dist's writer processes are forked and share the model's pages, so they add no
 copy; where import hands the writers memory-mapped pages of the HF files, those are the page cache the floor
-reads through too; what export copies file to file with sendfile never enters the process). Targets (issue 4): time <= 2x the floor (the
-durable one for import, see JUDGED_AGAINST); peak RSS (per rank) <= model size / TP + 2x the largest tensor.
+reads through too; what export copies file to file with sendfile never enters the process).
+
+Targets (issue 4): time <= 2x the floor (the durable one for import, see JUDGED_AGAINST); peak RSS (per
+rank) <= model size / TP + 2x the largest tensor.
 """
 
 from __future__ import annotations

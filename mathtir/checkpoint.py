@@ -19,8 +19,6 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
-
 from mathtir import cpu_compat
 from mathtir.distributed import barrier, rank
 
@@ -136,17 +134,19 @@ def _without_zip_checksums():
     return config.patch({"save.compute_crc32": False})
 
 
-def _check_against_metadata(template: dict, ckpt_dir: Path, stored_shapes: dict[str, tuple[int, ...]]) -> None:
+def _check_against_metadata(template: dict, ckpt_dir: Path) -> None:
     """Name the first tensor whose key or global shape differs, before torch_dist fails obscurely."""
+    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor
     from megatron.core.dist_checkpointing.dict_utils import nested_values
 
+    stored = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
     for value in nested_values(template.get("model", {})):
         if not isinstance(value, ShardedTensor):
             continue
-        if value.key not in stored_shapes:
+        if value.key not in stored:
             raise KeyError(f"{ckpt_dir}: tensor {value.key!r} is missing (a checkpoint of another architecture?)")
-        have, want = stored_shapes[value.key], tuple(value.global_shape)
+        have, want = tuple(stored[value.key].global_shape), tuple(value.global_shape)
         if have != want:
             raise ValueError(
                 f"{ckpt_dir}: tensor {value.key!r} has shape {have} but the model expects {want} "
@@ -172,8 +172,7 @@ def load(root: str | Path, state_template: dict, iteration: int | None = None) -
     from megatron.core import dist_checkpointing
 
     ckpt_dir = iteration_to_read(root, iteration)
-    stored = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
-    _check_against_metadata(state_template, ckpt_dir, {k: tuple(v.global_shape) for k, v in stored.items()})
+    _check_against_metadata(state_template, ckpt_dir)
     with cpu_compat.cuda_on_cpu():
         return dist_checkpointing.load(state_template, str(ckpt_dir))
 
@@ -193,17 +192,3 @@ def load_model(root: str | Path, chunks: list, iteration: int | None = None) -> 
     else:
         for i, chunk in enumerate(chunks):
             chunk.load_state_dict(loaded[f"vp{i}"])
-
-
-def stored_dtype(root: str | Path, iteration: int | None = None) -> torch.dtype:
-    """The dtype the model weights were saved in (bf16 from training, fp32/bf16 from import)."""
-    from megatron.core import dist_checkpointing
-
-    iteration = latest_iteration(root) if iteration is None else iteration
-    if iteration is None:
-        raise FileNotFoundError(f"{root}: no {LATEST_FILE}; not a mathtir checkpoint directory")
-    meta = dist_checkpointing.load_tensors_metadata(str(iteration_dir(root, iteration)))
-    key = "embedding.word_embeddings.weight"
-    if key not in meta:
-        raise KeyError(f"{iteration_dir(root, iteration)}: no {key!r}; not a GPT checkpoint")
-    return meta[key].dtype

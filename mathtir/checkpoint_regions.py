@@ -44,8 +44,16 @@ class PartReader:
     def __init__(self, root: str | Path, iteration: int | None = None):
         self.dir = checkpoint.iteration_to_read(root, iteration)
         self._reader = _InPlaceReader(str(self.dir))
-        self.stored_shapes = {key: tuple(md.size) for key, md in self._reader.read_metadata().state_dict_metadata.items()
-                              if isinstance(md, TensorStorageMetadata)}
+        self._stored = {key: md for key, md in self._reader.read_metadata().state_dict_metadata.items()
+                        if isinstance(md, TensorStorageMetadata)}
+        self.stored_shapes = {key: tuple(md.size) for key, md in self._stored.items()}
+
+    def stored_dtype(self) -> torch.dtype:
+        """The dtype the model weights were saved in (bf16 from training, fp32/bf16 from import)."""
+        key = "embedding.word_embeddings.weight"
+        if key not in self._stored:
+            raise KeyError(f"{self.dir}: no {key!r}; not a GPT checkpoint")
+        return self._stored[key].properties.dtype
 
     @property
     def in_place_reads(self) -> int:

@@ -75,7 +75,7 @@ class _SafetensorsFile:
             with open(self.path, "rb") as f:
                 self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         row = math.prod(shape[1:])
-        offset = self.data_start + entry["data_offsets"][0] + start * row * torch.empty((), dtype=dtype).element_size()
+        offset = self.data_start + entry["data_offsets"][0] + start * row * dtype.itemsize
         return torch.frombuffer(self._mmap, dtype=dtype, count=(stop - start) * row,
                                 offset=offset).view(stop - start, *shape[1:])
 
@@ -93,7 +93,7 @@ class _SafetensorsFile:
         if tuple(out.shape) != (stop - start, *shape[1:]) or not 0 <= start <= stop <= shape[0]:
             raise ValueError(f"{self.path}: rows {start}:{stop} of tensor {name!r} {tuple(entry['shape'])} do "
                              f"not fit the destination {tuple(out.shape)}")
-        row_bytes = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
         begin, end = entry["data_offsets"]
         if end - begin != row_bytes * shape[0]:
             raise ValueError(f"{self.path}: tensor {name!r}: data size does not match shape {list(shape)}")
@@ -209,7 +209,7 @@ def import_hf(hf_dir: str | Path, out_root: str | Path, *, dtype: torch.dtype, t
         for local_name, _ in chunk.named_parameters():
             rule, layer = mapping.match_megatron(_global_name(chunk, local_name))
             saved = entries[local_name] if isinstance(entries[local_name], list) else [entries[local_name]]
-            views = weights.part_views(mapping.row_blocks(rule, spec, layer, weights, tp=tp, tp_rank=tp_rank), dtype)
+            views = weights.part_views(mapping.row_blocks(rule, spec, layer, weights.shape, tp=tp, tp_rank=tp_rank), dtype)
             for i, sh_ten in enumerate(saved):
                 sh_ten.data = torch.empty(sh_ten.local_shape, dtype=dtype) if views is None else views[i]
                 if tuple(sh_ten.data.shape) != tuple(sh_ten.local_shape):
@@ -249,7 +249,7 @@ def load_megatron(ckpt: str | Path, *, dtype: torch.dtype | None = None) -> tupl
     stored dtype or, if given, in `dtype` (torch_dist casts while loading)."""
     root, iteration = resolve_root(ckpt)
     spec = ModelSpec.from_dir(root)
-    dtype = dtype or checkpoint.stored_dtype(root, iteration)
+    dtype = dtype or PartReader(root, iteration).stored_dtype()
     chunks = build_model(spec, params_dtype=dtype, perform_initialization=False, use_te=False)
     checkpoint.load_model(root, chunks, iteration)
     return spec, chunks
@@ -331,19 +331,19 @@ def _read_groups(spec: ModelSpec, layer_bytes: int, budget: int) -> list[list[tu
     return groups
 
 
-def _stored_place(entry, rule: mapping.Rule, spec: ModelSpec, stored_shapes: dict, root: Path):
+def _stored_place(entry, rule: mapping.Rule, spec: ModelSpec, reader: PartReader):
     """A meta-device model's sharded-state-dict entry -> (torch_dist key, offsets along its prepended axes,
     i.e. the layer index for layer tensors), once the stored tensor is known to have the shape the config
     implies (a vocabulary padded for whatever TP the checkpoint was written at)."""
     if not hasattr(entry, "prepend_axis_num"):  # a factory (SwiGLU's fc1): its parts share key and layer
         entry = entry.build()[0]
-    have, want = stored_shapes.get(entry.key), tuple(entry.global_shape)
+    have, want = reader.stored_shapes.get(entry.key), tuple(entry.global_shape)
     if have is None:
-        raise KeyError(f"{root}: tensor {entry.key!r} is missing (a checkpoint of another architecture?)")
+        raise KeyError(f"{reader.dir}: tensor {entry.key!r} is missing (a checkpoint of another architecture?)")
     fits = have == want or (rule.vocab_padded and have[1:] == want[1:]
                             and any(have[0] == spec.padded_vocab_size(tp) for tp in range(1, 1025)))
     if not fits:
-        raise ValueError(f"{root}: tensor {entry.key!r} has shape {have} but the model expects {want} "
+        raise ValueError(f"{reader.dir}: tensor {entry.key!r} has shape {have} but the model expects {want} "
                          "(a checkpoint of another architecture or config?)")
     return entry.key, tuple(entry.global_offset[: entry.prepend_axis_num])
 
@@ -384,10 +384,10 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, *, hf_template: str | Path 
     layers at a time, so memory holds at most a few layers and a shard, never the model."""
     root, iteration = resolve_root(ckpt)
     spec = ModelSpec.from_dir(root)
-    dtype = checkpoint.stored_dtype(root, iteration)
+    reader = PartReader(root, iteration)
+    dtype = reader.stored_dtype()
     (meta_model,) = build_model(spec, params_dtype=dtype, perform_initialization=False, use_te=False, meta=True)
     template = meta_model.sharded_state_dict()
-    reader = PartReader(root, iteration)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("model*.safetensors*"):
@@ -395,9 +395,8 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, *, hf_template: str | Path 
 
     # Plan the reads and the shards from shapes alone (a shard and a read are at most the largest tensor,
     # or one layer), then write each shard as soon as its tensors exist.
-    itemsize = torch.empty((), dtype=dtype).element_size()
     shapes = mapping.expected_hf_shapes(spec)
-    nbytes = {n: math.prod(shape) * itemsize for n, shape in shapes.items()}
+    nbytes = {n: math.prod(shape) * dtype.itemsize for n, shape in shapes.items()}
     shard_limit = max(nbytes.values())
     groups = _read_groups(spec, sum(b for n, b in nbytes.items() if n.startswith("model.layers.0.")), shard_limit)
     names = [n for group in groups for rule, layer in group for n in mapping.hf_names(rule, spec, layer)]
@@ -412,7 +411,7 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, *, hf_template: str | Path 
         name = rule.megatron.format(i=layer)
         if name not in template:
             raise KeyError(f"{root}: the model of this config has no parameter {name!r}")
-        places[name] = _stored_place(template[name], rule, spec, reader.stored_shapes, reader.dir)
+        places[name] = _stored_place(template[name], rule, spec, reader)
     pending: dict[str, torch.Tensor | _FileRuns] = {}
     # One shard is written by a thread while the next layers are read (both mostly wait on I/O, GIL released).
     with ThreadPoolExecutor(max_workers=1) as writer:

@@ -18,6 +18,7 @@ HF q/k already use the rotate-half RoPE layout megatron expects: no permutation.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -116,8 +117,8 @@ def _chunk_bounds(n: int, tp: int, rank: int) -> tuple[int, int]:
     return rank * size, (rank + 1) * size
 
 
-def row_blocks(rule: Rule, spec: ModelSpec, layer: int | None, source: RowSource, *, tp: int,
-               tp_rank: int) -> list[list[tuple[str, int, int]]] | None:
+def row_blocks(rule: Rule, spec: ModelSpec, layer: int | None, shape_of: Callable[[str], tuple[int, ...]], *,
+               tp: int, tp_rank: int) -> list[list[tuple[str, int, int]]] | None:
     """The megatron parameter as TP rank `tp_rank` holds it, as HF row ranges stacked in order: a list of
     (HF name, start, stop) blocks per part megatron saves it as (`gated`: the gate rows, then the up rows;
     one part otherwise). None where rows alone do not describe it: a column split, or padding rows of the
@@ -136,7 +137,7 @@ def row_blocks(rule: Rule, spec: ModelSpec, layer: int | None, source: RowSource
         start, stop = _chunk_bounds(spec.ffn_hidden_size, tp, tp_rank)
         return [[(names[0], start, stop)], [(names[1], start, stop)]]
     (name,) = names
-    rows = source.shape(name)[0]
+    rows = shape_of(name)[0]
     if rule.tp_axis is None or (rule.tp_axis == 1 and tp == 1):
         return [[(name, 0, rows)]]
     if rule.tp_axis == 1:
@@ -151,7 +152,7 @@ def import_shard(rule: Rule, spec: ModelSpec, layer: int | None, source: RowSour
     megatron saves it as) from the rows of the HF tensors that rank owns, read in place."""
     names = hf_names(rule, spec, layer)
     parts = out if isinstance(out, tuple) else (out,)
-    blocks = row_blocks(rule, spec, layer, source, tp=tp, tp_rank=tp_rank)
+    blocks = row_blocks(rule, spec, layer, source.shape, tp=tp, tp_rank=tp_rank)
     if blocks is not None:
         if len(parts) == 1:
             blocks = [[block for part_blocks in blocks for block in part_blocks]]
@@ -197,15 +198,5 @@ def full_row_blocks(rule: Rule, spec: ModelSpec, layer: int | None,
     the embedding: HF has no lm_head.)"""
     if rule.vocab_padded:
         return [(hf_names(rule, spec, layer)[0], 0, spec.vocab_size)]
-    blocks = row_blocks(rule, spec, layer, _Shapes(hf_shapes), tp=1, tp_rank=0)
+    blocks = row_blocks(rule, spec, layer, hf_shapes.__getitem__, tp=1, tp_rank=0)
     return [block for part in blocks for block in part]
-
-
-class _Shapes:
-    """A dict of HF shapes as the RowSource `row_blocks` asks for."""
-
-    def __init__(self, shapes: dict[str, tuple[int, ...]]):
-        self.shapes = shapes
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.shapes[name]
