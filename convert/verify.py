@@ -41,7 +41,13 @@ def main() -> int:
     if lead:
         for c in checks:
             print(f"{'ok  ' if c.ok else 'FAIL'} {c.field}: hf={c.hf!r} ckpt={c.ckpt!r}")
-    result = logits_parity(args.hf_dir, args.ckpt)
+    try:
+        result = logits_parity(args.hf_dir, args.ckpt)
+    except (FileNotFoundError, KeyError, ValueError) as e:  # e.g. a checkpoint of another config
+        if lead:
+            print(f"verify: error: {e}", file=sys.stderr)
+        distributed.destroy()
+        return 2
     logits_ok = (result["max_abs_diff"] <= args.atol and result["min_cosine"] >= args.min_cosine
                  and result["top1_agreement"] == 1.0)
     if lead:

@@ -119,6 +119,8 @@ def test_cli_errors_name_the_problem(tiny_llama_dir, tiny_tp2_ckpt, tmp_path):
     (other / "hf_config.json").write_text(json.dumps(cfg))
     out = cli("megatron_to_hf.py", "--ckpt", other, "--out", tmp_path / "y", expect=2)
     assert re.search(r"decoder\.layers\.mlp\.linear_fc[12]\.weight' has shape \(2, \d+, \d+\) but the model expects", out)
+    out = cli("verify.py", "--hf-dir", tiny_llama_dir, "--ckpt", other, expect=2)
+    assert re.search(r"verify: error: .*linear_fc[12]\.weight' has shape \(2, \d+, \d+\) but the model expects", out)
 
 
 def test_hf_side_errors_name_file_and_tensor(tiny_llama_dir, tmp_path):
@@ -142,6 +144,11 @@ def test_hf_side_errors_name_file_and_tensor(tiny_llama_dir, tmp_path):
     (bad / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": cfg["num_hidden_layers"] + 1}))
     with pytest.raises(KeyError, match=r"model\.layers\.2\.input_layernorm\.weight.*missing"):
         HFWeights(bad).check_against(ModelSpec.from_dir(bad))
+    (bad / "config.json").write_text(json.dumps(cfg))
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"model\.safetensors: truncated: tensor '.*' ends at byte \d+, the file has"):
+        HFWeights(bad)
 
 
 def test_checkpoint_regions_read_in_place_or_by_torch_give_torchs_bytes(tiny_tp2_ckpt):

@@ -60,6 +60,12 @@ class _SafetensorsFile:
         self.data_start = 8 + header_len
         self.entries = header
         self._mmap: mmap.mmap | None = None
+        # A truncated file is named here, not by whichever read or memory-mapped view first runs past its end.
+        size = os.path.getsize(path)
+        for name, entry in header.items():
+            if self.data_start + entry["data_offsets"][1] > size:
+                raise ValueError(f"{path}: truncated: tensor {name!r} ends at byte "
+                                 f"{self.data_start + entry['data_offsets'][1]}, the file has {size}")
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
