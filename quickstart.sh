@@ -65,6 +65,6 @@ shift || true
 case "$cmd" in
   setup) setup_system; setup_python ;;
   test)  setup_system; setup_python; run_tests "$@" ;;
-  demo)  setup_system; setup_python; exec .venv/bin/python -m mathtir.pipeline "$@" ;;
+  demo)  setup_system; setup_python; exec .venv/bin/mathtir demo "$@" ;;
   *) echo "usage: bash quickstart.sh {demo|test|setup} [args...]" >&2; exit 2 ;;
 esac

@@ -51,8 +51,8 @@ def write_synthetic(out: Path, layers: int) -> Path:
     import torch
     from safetensors.torch import save_file
 
+    from mathtir.convert.rules import expected_hf_shapes
     from mathtir.models.llama import ModelSpec
-    from mathtir.models.mapping import expected_hf_shapes
 
     if (out / "model.safetensors").is_file():
         return out
@@ -89,13 +89,13 @@ def run_operation(op: str, src: Path, dst: Path) -> dict:
     import transformers.models.llama.modeling_llama  # noqa: F401
     from safetensors.torch import load_file, save_file
 
-    from mathtir import distributed
-    from mathtir.models import conversion
+    from mathtir.convert import exporter, importer
+    from mathtir.megatron import parallel
 
     tp = 2 if op == "import-tp2" else 1
-    distributed.initialize(tp, 1, seed=0)
+    parallel.initialize(tp, 1, seed=0)
     baseline = _reset_peak_rss()
-    distributed.barrier()
+    parallel.barrier()
     start = time.perf_counter()
     if op in ("floor", "floor+fsync"):
         dst.mkdir(parents=True, exist_ok=True)
@@ -105,11 +105,11 @@ def run_operation(op: str, src: Path, dst: Path) -> dict:
                 with open(dst / f.name, "rb") as written:
                     os.fsync(written.fileno())
     elif op in ("import", "import-tp2"):
-        conversion.import_hf(src, dst, dtype=torch.bfloat16, tp=tp, pp=1)
+        importer.import_hf(src, dst, dtype=torch.bfloat16, tp=tp, pp=1)
     elif op == "export":
-        conversion.export_hf(src, dst)
+        exporter.export_hf(src, dst)
     seconds = time.perf_counter() - start
-    distributed.destroy()
+    parallel.destroy()
     return {"seconds": seconds, "peak_rss_above_baseline": _status_kib("VmHWM") - baseline, "baseline_rss": baseline}
 
 
@@ -131,7 +131,7 @@ def measure(op: str, src: Path, dst: Path) -> dict:
 
 
 def model_bytes(hf_dir: Path) -> tuple[int, int]:
-    from mathtir.models.conversion import HFWeights
+    from mathtir.convert.safetensors import HFWeights
 
     weights = HFWeights(hf_dir)
     sizes = [math.prod(weights.shape(n)) * 2 for n in weights.file_of]  # bf16

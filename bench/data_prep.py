@@ -33,10 +33,11 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mathtir.data.config import load_data_recipe  # noqa: E402
 from mathtir.data.demo import TEMPLATES, generate_problems  # noqa: E402
-from mathtir.data.prepare import load_tokenizer, prepare  # noqa: E402
+from mathtir.data.prepare import prepare  # noqa: E402
+from mathtir.data.recipe import load_data_recipe  # noqa: E402
 from mathtir.formats import get_dialect, get_template, render_example  # noqa: E402
+from mathtir.tokenizers import load_tokenizer  # noqa: E402
 
 SENTENCES = [
     "まず、与えられた条件を整理すると $x + {a} = {b}$ となる。",

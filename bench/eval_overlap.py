@@ -23,9 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mathtir.eval.data import Problem  # noqa: E402
 from mathtir.eval.execution import PoolExecutor  # noqa: E402
-from mathtir.eval.hf_sampler import HFSampler  # noqa: E402
+from mathtir.eval.problems import Problem  # noqa: E402
+from mathtir.eval.samplers.hf import HFSampler  # noqa: E402
 from mathtir.eval.tir import TIRConfig, run_sample  # noqa: E402
 from mathtir.formats import OutputFormat, get_dialect, get_template  # noqa: E402
 from mathtir.sandbox import SandboxPool  # noqa: E402

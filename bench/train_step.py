@@ -5,8 +5,8 @@ Hugging Face `LlamaForCausalLM` + torch AdamW step of the same shape on the same
     python bench/train_step.py --layers 2 --hidden 4096 --heads 32 --kv-heads 8 --ffn 14336 --vocab 128256 \\
         --seq 4096 --micro-batch 1 --steps 10
 
-One process (TP=PP=DP=1). Model FLOPs per token follow mathtir.train (6 x matmul params + attention scores).
-MFU: on a GPU against the dense bf16 peak of the device table in mathtir.train; on a CPU against the fp32 GEMM
+One process (TP=PP=DP=1). Model FLOPs per token follow mathtir.train.throughput (6 x matmul params + attention scores).
+MFU: on a GPU against the dense bf16 peak of the device table in mathtir.train.throughput; on a CPU against the fp32 GEMM
 rate measured here (a 2048^3 matmul), since CPUs have no meaningful datasheet peak for this -- so CPU MFU says
 how close the step gets to this machine's own matmul speed.
 """
@@ -62,11 +62,11 @@ def megatron_step_fn(spec, a, tokens, labels, mask, dtype):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from mathtir import cpu_compat, distributed
-    from mathtir.models.llama import build_model
-    from mathtir.train import loss_func
+    from mathtir.megatron import parallel
+    from mathtir.megatron.model import build_model
+    from mathtir.train.loss import loss_func
 
-    distributed.initialize(1, 1, seed=0)
+    parallel.initialize(1, 1, seed=0)
     (chunk,) = build_model(spec, params_dtype=dtype, calculate_per_token_loss=True)
     if torch.cuda.is_available():
         chunk.cuda()
@@ -74,10 +74,9 @@ def megatron_step_fn(spec, a, tokens, labels, mask, dtype):
     model = DistributedDataParallel(config=config, ddp_config=DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=True), module=chunk)
     config.no_sync_func, config.finalize_model_grads_func = model.no_sync, finalize_model_grads
-    with cpu_compat.cuda_on_cpu():
-        optimizer = get_megatron_optimizer(OptimizerConfig(
-            optimizer="adam", lr=1e-5, weight_decay=0.1, clip_grad=1.0, bf16=dtype == torch.bfloat16,
-            params_dtype=dtype, use_distributed_optimizer=True), [model])
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=1e-5, weight_decay=0.1, clip_grad=1.0, bf16=dtype == torch.bfloat16,
+        params_dtype=dtype, use_distributed_optimizer=True), [model])
     positions = torch.arange(a.seq, device=tokens.device).expand_as(tokens)
     forward_backward = get_forward_backward_func()
 
@@ -89,10 +88,9 @@ def megatron_step_fn(spec, a, tokens, labels, mask, dtype):
     def step():
         model.zero_grad_buffer()
         optimizer.zero_grad()
-        with cpu_compat.cuda_on_cpu():
-            forward_backward(forward_step_func=forward_step, data_iterator=iter([None]), model=model,
-                             num_microbatches=1, seq_length=a.seq, micro_batch_size=a.micro_batch)
-            optimizer.step()
+        forward_backward(forward_step_func=forward_step, data_iterator=iter([None]), model=model,
+                         num_microbatches=1, seq_length=a.seq, micro_batch_size=a.micro_batch)
+        optimizer.step()
 
     return step
 
@@ -128,7 +126,7 @@ def cpu_matmul_tflops(n: int = 2048, trials: int = 7) -> float:
 
 def main() -> None:
     from mathtir.models.llama import ModelSpec
-    from mathtir.train import PEAK_TFLOPS, _train_flops_per_token
+    from mathtir.train.throughput import PEAK_TFLOPS, train_flops_per_token
 
     a = parse_args()
     gpu = torch.cuda.is_available()
@@ -146,7 +144,7 @@ def main() -> None:
     labels = torch.roll(tokens, -1, dims=1)
     mask = torch.ones(a.micro_batch, a.seq, device=device)
     tokens_per_step = a.micro_batch * a.seq
-    flops_per_step = _train_flops_per_token(spec, a.seq) * tokens_per_step
+    flops_per_step = train_flops_per_token(spec, a.seq) * tokens_per_step
     sync = torch.cuda.synchronize if gpu else (lambda: None)
 
     results = {}

@@ -1,9 +1,10 @@
-"""The whole pipeline on one machine: demo data → prepare → import → stage 1 → stage 2 → export → evaluate.
+"""`mathtir demo`: the whole pipeline on one machine: demo data → prepare → import → stage 1 → stage 2 → export →
+evaluate.
 
-`bash quickstart.sh demo` runs this with its embedded defaults (SmolLM2-135M, CPU, TP=2 via torchrun, an
-embedded Ray). Every stage is the same command a user types on a cluster — the data CLI, the converters, the
-sbatch scripts (which fall back to torchrun without Slurm), `ray_eval/run.py` — run as a subprocess with its
-log in `<workdir>/logs/`. A finished stage leaves a `.done` marker beside its outputs, so a rerun skips it and
+`bash quickstart.sh demo` runs this with its embedded defaults (SmolLM2-135M, CPU, TP=3 via torchrun, an
+embedded Ray). Every stage is the same command a user types — `mathtir data`, `mathtir convert`, the sbatch
+scripts (which fall back to torchrun without Slurm), `mathtir eval run` — run as a subprocess with its log in
+`<workdir>/logs/`. A finished stage leaves a `.done` marker beside its outputs, so a rerun skips it and
 an interrupted run resumes at the stage that did not finish (stages themselves resume inside: the trainer
 from its checkpoints, the evaluation from its per-sample records).
 """
@@ -30,8 +31,9 @@ class Stage:
     env: dict[str, str] | None = None
 
 
-def _python() -> str:
-    return sys.executable
+def _mathtir() -> list[str]:
+    """The `mathtir` command of this interpreter."""
+    return [sys.executable, "-m", "mathtir"]
 
 
 def _prepare_overrides(data: Path, raw_file: str, out: str, tokenizer: Path) -> list[str]:
@@ -43,11 +45,11 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
     work = Path(args.workdir).resolve()
     data, models, logs = work / "data", work / "models", work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    py = _python()
+    mathtir = _mathtir()
     base_hf = models / "smollm2-135m-instruct"
     tuned_hf = models / "smollm2-mathtir"
     evaluate = [
-        py, str(REPO / "ray_eval" / "run.py"),
+        *mathtir, "eval", "run",
         "--data", str(data / "raw" / "eval.jsonl"),
         "--samples", str(args.samples),
         "--max-code-executions", "2",
@@ -60,16 +62,16 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
     train_env = {"MATHTIR_NPROC_PER_NODE": "3"}
     return [
         Stage("demo data", data / "raw" / ".done",
-              [py, "-m", "mathtir.data", "demo", "--out", str(data / "raw"), "--seed", "0",
+              [*mathtir, "data", "demo", "--out", str(data / "raw"), "--seed", "0",
                "--eval", str(args.eval_problems)]),
         Stage("prepare stage-1 CoT shards", data / "stage1_cot" / ".done",
-              [py, "-m", "mathtir.data", "prepare", str(REPO / "nemo_configs" / "data_demo_cot.yaml"),
+              [*mathtir, "data", "prepare", str(REPO / "nemo_configs" / "data_demo_cot.yaml"),
                *_prepare_overrides(data, "cot_train.jsonl", "stage1_cot", base_hf)]),
         Stage("prepare stage-2 TIR shards", data / "stage2_tir" / ".done",
-              [py, "-m", "mathtir.data", "prepare", str(REPO / "nemo_configs" / "data_demo_tir.yaml"),
+              [*mathtir, "data", "prepare", str(REPO / "nemo_configs" / "data_demo_tir.yaml"),
                *_prepare_overrides(data, "tir_train.jsonl", "stage2_tir", base_hf)]),
         Stage("import SmolLM2 to Megatron", models / "base" / ".done",
-              [py, str(REPO / "convert" / "hf_to_megatron.py"), "--hf-dir", str(base_hf),
+              [*mathtir, "convert", "import", "--hf-dir", str(base_hf),
                "--out", str(models / "base"), "--tp", "1", "--dtype", "fp32"]),
         Stage("stage 1 CoT SFT (TP=3, torchrun)", work / "stage1_cot" / ".done",
               ["bash", str(REPO / "slurm" / "stage1_cot.sh"), str(REPO / "nemo_configs" / "demo_stage1_cot.yaml"),
@@ -80,10 +82,10 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
                f"model.init_from={work / 'stage1_cot'}", f"data.train_dir={data / 'stage2_tir'}",
                f"checkpoint.dir={work / 'stage2_tir'}"], train_env),
         Stage("export to Hugging Face", tuned_hf / ".done",
-              [py, str(REPO / "convert" / "megatron_to_hf.py"), "--ckpt", str(work / "stage2_tir"),
+              [*mathtir, "convert", "export", "--ckpt", str(work / "stage2_tir"),
                "--out", str(tuned_hf), "--hf-template", str(base_hf)]),
         Stage("verify export (logits parity)", tuned_hf / ".verified",
-              [py, str(REPO / "convert" / "verify.py"), "--hf-dir", str(tuned_hf), "--ckpt", str(work / "stage2_tir")]),
+              [*mathtir, "convert", "verify", "--hf-dir", str(tuned_hf), "--ckpt", str(work / "stage2_tir")]),
         Stage("evaluate base model", work / "eval_base" / ".done",
               [*evaluate, "--model", str(base_hf), "--output", str(work / "eval_base")]),
         Stage("evaluate fine-tuned model", work / "eval_tuned" / ".done",
@@ -113,7 +115,7 @@ def run_stage(stage: Stage, index: int, total: int, logs: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mathtir.pipeline", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="mathtir demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default=str(REPO / "runs" / "demo"), help="where every stage writes")
     parser.add_argument("--eval-problems", type=int, default=20, help="held-out problems evaluated")
     parser.add_argument("--samples", type=int, default=3, help="samples per problem (majority vote)")
@@ -144,6 +146,3 @@ def write_comparison(work: Path) -> Path:
 
     return compare_runs(work / "eval_base", work / "eval_tuned", work / "report.md")
 
-
-if __name__ == "__main__":
-    sys.exit(main())

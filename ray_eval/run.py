@@ -1,4 +1,4 @@
-"""Majority-vote TIR evaluation as a Ray job (thin CLI over mathtir.eval.job).
+"""Majority-vote TIR evaluation as a Ray job (thin launcher of `mathtir eval run`).
 
     ray job submit --working-dir . -- python ray_eval/run.py --model DIR --data problems.jsonl --output runs/eval
     python ray_eval/run.py ...        # no RAY_ADDRESS: an embedded Ray on this machine
@@ -16,4 +16,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mathtir.eval.job import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="ray_eval/run.py"))

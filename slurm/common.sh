@@ -56,18 +56,17 @@ mathtir_master_addr() {
   scontrol show node "$head" --oneliner | tr ' ' '\n' | sed -n 's/^NodeAddr=//p'
 }
 
-# mathtir_launch MODULE ARGS...: run `python -m MODULE ARGS...` on every rank of the job (or locally).
+# mathtir_launch COMMAND ARGS...: run `python -m mathtir COMMAND ARGS...` on every rank of the job (or locally).
 # Under Slurm with `--signal=B:USR1@<seconds>` the batch shell receives USR1 before the time limit or a
 # preemption: it asks the trainer (through MATHTIR_STOP_FILE) to checkpoint and exit, waits for it, then
 # requeues the job; the requeued run resumes from that checkpoint. Bash runs a trap only between foreground
 # commands, so the launch runs in the background and the shell waits for it.
 mathtir_launch() {
-  local module=$1; shift
   local python nproc
   python=$(mathtir_python)
   nproc=$(mathtir_nproc_per_node)
   if [ -z "${SLURM_JOB_ID:-}" ]; then
-    exec "$python" -m torch.distributed.run --standalone --nproc-per-node="$nproc" -m "$module" "$@"
+    exec "$python" -m torch.distributed.run --standalone --nproc-per-node="$nproc" -m mathtir "$@"
   fi
 
   export MASTER_ADDR MASTER_PORT MATHTIR_STOP_FILE
@@ -87,8 +86,8 @@ mathtir_launch() {
   # shellcheck disable=SC2016
   srun --ntasks-per-node=1 --kill-on-bad-exit=1 "${srun_args[@]}" "${exec_prefix[@]}" bash -c '
     exec "$0" -m torch.distributed.run --nnodes="$SLURM_JOB_NUM_NODES" --node-rank="$SLURM_NODEID" \
-      --nproc-per-node="$1" --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" -m "$2" "${@:3}"
-  ' "$python" "$nproc" "$module" "$@" &
+      --nproc-per-node="$1" --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" -m mathtir "${@:2}"
+  ' "$python" "$nproc" "$@" &
   local step=$! rc=0
   # `wait` returns early (>128) when the trap fires; keep waiting until the step itself has ended.
   while true; do

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Data preparation on CPU nodes: records -> verified, deduplicated, packed shards (python -m mathtir.data).
+# Data preparation on CPU nodes: records -> verified, deduplicated, packed shards (mathtir data).
 #   bash slurm/prepare_data.sh --parts N recipe.yaml [key=value ...]
 #       submits an array job of N tasks (task i prepares every N-th record) and a merge job that starts when
 #       all of them succeeded; prints both job ids, the merge job's id last (chain later stages on it:
@@ -59,9 +59,9 @@ else
 fi
 
 if [ -z "${SLURM_JOB_ID:-}" ]; then
-  exec "$python" -m mathtir.data "${command[@]}"
+  exec "$python" -m mathtir data "${command[@]}"
 fi
 mapfile -t srun_args < <(mathtir_container_srun_args)
 mapfile -t exec_prefix < <(mathtir_container_exec_prefix)
-echo "prepare_data: job $SLURM_JOB_ID on $(hostname): mathtir.data ${command[*]}"
-srun --ntasks=1 "${srun_args[@]}" "${exec_prefix[@]}" "$python" -m mathtir.data "${command[@]}"
+echo "prepare_data: job $SLURM_JOB_ID on $(hostname): mathtir data ${command[*]}"
+srun --ntasks=1 "${srun_args[@]}" "${exec_prefix[@]}" "$python" -m mathtir data "${command[@]}"

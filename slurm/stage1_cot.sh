@@ -21,4 +21,4 @@ source "${MATHTIR_ROOT:-${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}}/slurm/common.sh
 
 recipe=nemo_configs/stage1_cot.yaml
 if [[ "${1:-}" == *.yaml ]]; then recipe=$1; shift; fi
-mathtir_launch mathtir.train "$recipe" "$@"
+mathtir_launch train "$recipe" "$@"

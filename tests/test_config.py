@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mathtir.config import ConfigError, load_recipe, validate_parallelism
+from mathtir.recipes import ConfigError
+from mathtir.train.recipe import load_recipe, validate_parallelism
 
 RECIPES = Path(__file__).resolve().parent.parent / "nemo_configs"
 

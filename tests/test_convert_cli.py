@@ -124,7 +124,8 @@ def test_cli_errors_name_the_problem(tiny_llama_dir, tiny_tp2_ckpt, tmp_path):
 
 
 def test_hf_side_errors_name_file_and_tensor(tiny_llama_dir, tmp_path):
-    from mathtir.models.conversion import HFWeights, resolve_root
+    from mathtir.convert.safetensors import HFWeights
+    from mathtir.megatron.checkpoint import resolve_root
     from mathtir.models.llama import ModelSpec, UnsupportedModelError
 
     with pytest.raises(UnsupportedModelError, match="TP=3 does not divide num_attention_heads=4"):
@@ -157,7 +158,7 @@ def test_checkpoint_regions_read_in_place_or_by_torch_give_torchs_bytes(tiny_tp2
     cast): all must equal what torch's own load of the whole tensors gives."""
     import torch.distributed.checkpoint as dcp
 
-    from mathtir.checkpoint_regions import PartReader
+    from mathtir.convert.torch_dist import PartReader
 
     reader = PartReader(tiny_tp2_ckpt)
     expected = {key: torch.empty(shape) for key, shape in reader.stored_shapes.items()}  # stored in fp32
@@ -201,7 +202,7 @@ def test_checkpoint_regions_read_in_place_or_by_torch_give_torchs_bytes(tiny_tp2
 @pytest.mark.parametrize("splice", [True, False])
 def test_copy_run_copies_file_ranges_with_or_without_splice(tmp_path, monkeypatch, splice):
     """Export's file-to-file copy, and its fallback where sendfile is refused (EINVAL on some mounts)."""
-    from mathtir.models.conversion import copy_run
+    from mathtir.convert.safetensors import copy_run
 
     if not splice:
         def refuse(*_):

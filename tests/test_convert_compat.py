@@ -13,13 +13,13 @@ import pytest
 def test_layer_refuses_an_unknown_megatron_version_and_missing_names(monkeypatch):
     import megatron.core
 
-    from mathtir import cpu_compat
+    from mathtir.megatron import compat
 
     monkeypatch.setattr(megatron.core, "__version__", "0.99.0")
     with pytest.raises(RuntimeError, match=r"written for megatron-core 0\.16\.1.*found megatron-core 0\.99\.0"):
-        cpu_compat._check_megatron_version()
+        compat._check_megatron_version()
     with pytest.raises(RuntimeError, match=r"megatron\.core\.tensor_parallel\.random\._no_such_name does not exist"):
-        cpu_compat._replace("megatron.core.tensor_parallel.random", "_no_such_name", None)
+        compat._replace("megatron.core.tensor_parallel.random", "_no_such_name", None)
 
 
 def _resume_worker(root: Path) -> None:
@@ -33,11 +33,12 @@ def _resume_worker(root: Path) -> None:
     )
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from mathtir import checkpoint, cpu_compat, distributed
-    from mathtir.models.llama import ModelSpec, build_model
+    from mathtir.megatron import checkpoint, parallel
+    from mathtir.megatron.model import build_model
+    from mathtir.models.llama import ModelSpec
     from mathtir.models.toy import write_toy_llama
 
-    distributed.initialize(1, 1, seed=0)
+    parallel.initialize(1, 1, seed=0)
     spec = ModelSpec.from_dir(write_toy_llama(root / "hf"))
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, spec.vocab_size, (2, 17), generator=gen) for _ in range(5)]
@@ -47,9 +48,8 @@ def _resume_worker(root: Path) -> None:
         (chunk,) = build_model(spec, params_dtype=torch.float32)
         ddp = DistributedDataParallel(config=chunk.config, module=chunk, ddp_config=DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=True))
-        with cpu_compat.cuda_on_cpu():
-            opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.1, bf16=False,
-                                                         use_distributed_optimizer=True, clip_grad=1.0), [ddp])
+        opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.1, bf16=False,
+                                                     use_distributed_optimizer=True, clip_grad=1.0), [ddp])
         return chunk, ddp, opt
 
     def train(ddp, opt, steps):
@@ -60,16 +60,14 @@ def _resume_worker(root: Path) -> None:
             loss = ddp(tokens[:, :-1], positions, None, labels=tokens[:, 1:]).mean()
             loss.backward()
             finalize_model_grads([ddp])
-            with cpu_compat.cuda_on_cpu():
-                opt.step()
+            opt.step()
             losses.append(loss.item())
         return losses
 
     def state(chunk, opt, loading):
         model_state = checkpoint.model_sharded_state_dict([chunk])
-        with cpu_compat.cuda_on_cpu():
-            return {"model": model_state, "optimizer": opt.sharded_state_dict(
-                model_state, is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})}
+        return {"model": model_state, "optimizer": opt.sharded_state_dict(
+            model_state, is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})}
 
     chunk, ddp, opt = fresh()
     train(ddp, opt, batches[:2])
@@ -79,8 +77,7 @@ def _resume_worker(root: Path) -> None:
     chunk, ddp, opt = fresh()  # a new process would start from here: the optimizer has never stepped
     loaded = checkpoint.load(root / "ckpt", state(chunk, opt, True))
     chunk.load_state_dict(loaded["model"])
-    with cpu_compat.cuda_on_cpu():
-        opt.load_state_dict(loaded["optimizer"])
+    opt.load_state_dict(loaded["optimizer"])
     inner = opt.optimizer.state.values()
     step_tensors = [s["step"] for s in inner]
     result = {"steps": sorted({t.item() for t in step_tensors}), "distinct": len({id(t) for t in step_tensors}),
@@ -88,7 +85,7 @@ def _resume_worker(root: Path) -> None:
     result["resumed"] = train(ddp, opt, batches[2:])
     result["uninterrupted"] = uninterrupted
     (root / "result.json").write_text(json.dumps(result))
-    distributed.destroy()
+    parallel.destroy()
 
 
 @pytest.mark.slow

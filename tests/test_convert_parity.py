@@ -32,26 +32,26 @@ def _worker(base: Path) -> None:
     from safetensors.torch import load_file
     from transformers import LlamaForCausalLM
 
-    from mathtir import distributed
-    from mathtir.models import conversion, parity
+    from mathtir.convert import exporter, importer, verify
+    from mathtir.megatron import parallel
     from mathtir.models.toy import write_toy_llama
 
-    distributed.initialize(1, 1, seed=0)
-    rank = distributed.rank()
+    parallel.initialize(1, 1, seed=0)
+    rank = parallel.rank()
     if rank == 0:
         for name, overrides in CONFIGS.items():
             write_toy_llama(base / name / "hf", seed=len(name), **overrides)
-    distributed.barrier()
+    parallel.barrier()
 
     results: dict[str, dict] = {}
 
     def logits_diff(name: str, ckpt: Path) -> float:
         hf_dir = base / name / "hf"
-        spec, chunks = conversion.load_megatron(ckpt, dtype=torch.float32)
+        spec, chunks = verify.load_megatron(ckpt, dtype=torch.float32)
         ref_model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
         worst = 0.0
-        for ids in parity.prompt_ids(hf_dir, spec.vocab_size):
-            ours = parity.megatron_logits(chunks, ids, spec.vocab_size)
+        for ids in verify.prompt_ids(hf_dir, spec.vocab_size):
+            ours = verify.megatron_logits(chunks, ids, spec.vocab_size)
             with torch.no_grad():
                 ref = ref_model(ids).logits
             worst = max(worst, (ours - ref).abs().max().item())
@@ -59,26 +59,26 @@ def _worker(base: Path) -> None:
 
     for name in CONFIGS:
         hf_dir, r = base / name / "hf", results.setdefault(name, {})
-        distributed.initialize(2, 1, seed=0)
-        conversion.import_hf(hf_dir, base / name / "tp2", dtype=torch.float32, tp=2, pp=1)
+        parallel.initialize(2, 1, seed=0)
+        importer.import_hf(hf_dir, base / name / "tp2", dtype=torch.float32, tp=2, pp=1)
         r["tp2_on_tp2"] = logits_diff(name, base / name / "tp2")
-        distributed.initialize(1, 2, seed=0)
-        conversion.import_hf(hf_dir, base / name / "pp2", dtype=torch.float32, tp=1, pp=2)
-        distributed.initialize(1, 1, seed=0)  # two data-parallel replicas: both ranks load the whole model
+        parallel.initialize(1, 2, seed=0)
+        importer.import_hf(hf_dir, base / name / "pp2", dtype=torch.float32, tp=1, pp=2)
+        parallel.initialize(1, 1, seed=0)  # two data-parallel replicas: both ranks load the whole model
         r["tp2_on_tp1"] = logits_diff(name, base / name / "tp2")
         r["pp2_on_tp1"] = logits_diff(name, base / name / "pp2")
-        out = conversion.export_hf(base / name / "tp2", base / name / f"export_r{rank}")
+        out = exporter.export_hf(base / name / "tp2", base / name / f"export_r{rank}")
         src = load_file(str(hf_dir / "model.safetensors"))
         exported = {}
         for f in sorted(out.glob("*.safetensors")):
             exported.update(load_file(str(f)))
         r["export_names_equal"] = sorted(src) == sorted(exported)
         r["export_bit_exact"] = r["export_names_equal"] and all(torch.equal(src[k], exported[k]) for k in src)
-        distributed.initialize(2, 1, seed=0)
+        parallel.initialize(2, 1, seed=0)
         r["pp2_on_tp2"] = logits_diff(name, base / name / "pp2")
     if rank == 0:
         (base / "results.json").write_text(json.dumps(results, indent=1))
-    distributed.destroy()
+    parallel.destroy()
 
 
 @pytest.mark.slow

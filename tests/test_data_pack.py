@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from mathtir.data.loader import FORMAT_VERSION, PackedDataset, block_causal_mask, collate, epoch_order
-from mathtir.data.pack import pack_minimum_slack, packed_row, write_shards
+from mathtir.data.pack import pack_minimum_slack, packed_row
+from mathtir.shards import FORMAT_VERSION, PackedDataset, write_shards
+from mathtir.train.batches import block_causal_mask, collate, epoch_order
 
 PAD = 0
 

@@ -1,4 +1,4 @@
-"""`python -m mathtir.data prepare` end to end on an OpenMathReasoning-shaped file with the real SmolLM2
+"""`mathtir data prepare` end to end on an OpenMathReasoning-shaped file with the real SmolLM2
 tokenizer: every cleaning step counted and listed, shards the loader reads back to the exact texts, bad input
 named by file/line/field, and byte-identical shards for the same seed (also through array-job parts)."""
 
@@ -11,12 +11,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from mathtir.data.__main__ import main as cli
-from mathtir.data.config import load_data_recipe
-from mathtir.data.loader import PackedDataset
-from mathtir.data.prepare import merge, prepare, prepare_part
-from mathtir.data.readers import DataError
+from mathtir.data.cli import main as cli
+from mathtir.data.merge import merge
+from mathtir.data.part import prepare_part
+from mathtir.data.prepare import prepare
+from mathtir.data.recipe import load_data_recipe
 from mathtir.formats import get_template
+from mathtir.readers import DataError
+from mathtir.shards import PackedDataset
 
 EVAL = [{"id": "e1", "problem": "箱に赤い玉が7個と白い玉が5個入っています。玉は全部で何個ですか。", "expected_answer": "12"}]
 
@@ -230,7 +232,7 @@ def test_trained_token_span_matches_offsets_with_added_special_tokens(smollm2_hf
     from tokenizers import Tokenizer
     from tokenizers.processors import TemplateProcessing
 
-    from mathtir.data.prepare import _tokens_starting_in
+    from mathtir.data.process import _tokens_starting_in
 
     tokenizer = Tokenizer.from_file(str(smollm2_hf_dir / "tokenizer.json"))
     tokenizer.post_processor = TemplateProcessing(single="<|im_start|> $A <|endoftext|>", special_tokens=[

@@ -10,9 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from mathtir.data.clean import DecontaminationIndex, MinHasher, NearDuplicateIndex, exact_key
-from mathtir.data.readers import DataError, FieldMap, InvalidRecord, Record, detect_format, iter_records
+from mathtir.data.recipe import FieldsConfig
+from mathtir.data.records import Record, iter_records
+from mathtir.readers import DataError, InvalidRecord, detect_format
 
-OMR = FieldMap(problem="problem", response="generated_solution", expected_answer="expected_answer",
+OMR = FieldsConfig(problem="problem", response="generated_solution", expected_answer="expected_answer",
                mode="inference_mode")
 ROWS = [{"problem": f"問題{i}", "generated_solution": f"答えは \\boxed{{{i}}}", "expected_answer": str(i),
          "inference_mode": "cot" if i % 2 else "tir", "problem_source": "x"} for i in range(5)]
@@ -61,13 +63,13 @@ def test_every_format_yields_the_same_records(tmp_path, kind):
 def test_openmathinstruct_and_messages_mappings(tmp_path):
     path = tmp_path / "omi.jsonl"
     path.write_text(json.dumps({"question": "q", "generated_solution": "s", "expected_answer": 5}) + "\n")
-    (record,) = _read(path, FieldMap(problem="question", response="generated_solution"))
+    (record,) = _read(path, FieldsConfig(problem="question", response="generated_solution"))
     assert (record.problem, record.response, record.expected_answer, record.mode) == ("q", "s", "5", None)
     path = tmp_path / "chat.jsonl"
     path.write_text(json.dumps({"messages": [{"role": "system", "content": "sys"},
                                              {"role": "user", "content": "u"},
                                              {"role": "assistant", "content": "a"}]}) + "\n")
-    (record,) = _read(path, FieldMap(messages="messages", expected_answer=None))
+    (record,) = _read(path, FieldsConfig(messages="messages", expected_answer=None))
     assert (record.problem, record.response) == ("u", "a")
 
 

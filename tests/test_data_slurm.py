@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from cluster.slurm import slurm_cluster  # noqa: F401  (the module-scoped cluster fixture)
 
-from mathtir.data.config import load_data_recipe
 from mathtir.data.prepare import prepare
+from mathtir.data.recipe import load_data_recipe
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 REPO = Path(__file__).resolve().parent.parent

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mathtir.data.config import load_data_recipe
 from mathtir.data.demo import write_demo_data
-from mathtir.data.loader import PackedDataset
 from mathtir.data.prepare import prepare
+from mathtir.data.recipe import load_data_recipe
 from mathtir.data.verify import outputs_match
+from mathtir.shards import PackedDataset
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -22,9 +22,10 @@ import psutil
 import pytest
 from cluster.ray_head import RayHead
 
-from mathtir.eval.data import Problem, file_sha256
-from mathtir.eval.sampling import GenerationRequest
+from mathtir.eval.problems import Problem
+from mathtir.eval.samplers import GenerationRequest
 from mathtir.eval.tir import TIRConfig, run_sample
+from mathtir.files import file_sha256
 from mathtir.formats import OutputFormat, get_dialect, get_template
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,7 +83,7 @@ def tir_tiny_dir(model_cache_dir, tiny_llama_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def tir_sampler(tir_tiny_dir):
-    from mathtir.eval.hf_sampler import HFSampler
+    from mathtir.eval.samplers.hf import HFSampler
 
     return HFSampler(tir_tiny_dir, max_batch_size=8, num_threads=1)
 
@@ -124,7 +125,7 @@ def test_hf_sampler_stop_strings_budget_and_eos(tir_sampler):
 
 def test_hf_sampler_seeds_do_not_depend_on_batch(tiny_llama_dir):
     """A sample's tokens depend on its seed only, not on what shares its batch (resume needs this)."""
-    from mathtir.eval.hf_sampler import HFSampler
+    from mathtir.eval.samplers.hf import HFSampler
 
     sampler = HFSampler(tiny_llama_dir, max_batch_size=8, num_threads=1)
     short, long_ = [1, 2, 3], list(range(10, 40))
@@ -399,7 +400,7 @@ def test_openai_backend_against_a_local_completions_server(tir_sampler, sandbox_
     import http.server
     import threading
 
-    from mathtir.eval.openai_sampler import OpenAISampler
+    from mathtir.eval.samplers.openai import OpenAISampler
 
     requests_seen, replies = [], []
 

@@ -15,9 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mathtir.eval.data import DataError, FieldNames, load_problems
+from mathtir.eval.problems import FieldNames, load_problems
 from mathtir.eval.records import RecordsError, RecordStore, SampleRecord, sample_seed
 from mathtir.eval.report import write_results
+from mathtir.readers import DataError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,9 +48,9 @@ def test_loads_jsonl_and_parquet_with_renamed_fields(tmp_path):
 
 @pytest.mark.parametrize("rows, message", [
     ([GOOD[0], {"id": "p2", "problem": "x", "category": "c"}], r"bad\.jsonl:2: missing field 'expected_answer'"),
-    ([GOOD[0], GOOD[1], '{"id": "p3", "problem": '], r"bad\.jsonl:3: bad JSON"),
-    ([GOOD[0], {**GOOD[1], "problem": "  "}], r"bad\.jsonl:2: field 'problem' is empty"),
-    ([GOOD[0], {**GOOD[1], "expected_answer": None}], r"bad\.jsonl:2: field 'expected_answer' must be"),
+    ([GOOD[0], GOOD[1], '{"id": "p3", "problem": '], r"bad\.jsonl:3: malformed JSON"),
+    ([GOOD[0], {**GOOD[1], "problem": "  "}], r"bad\.jsonl:2: field 'problem': empty"),
+    ([GOOD[0], {**GOOD[1], "expected_answer": None}], r"bad\.jsonl:2: field 'expected_answer': missing"),
     ([GOOD[0], {**GOOD[1], "id": "p1"}], r"duplicate id 'p1' \(records 1 and 2\)"),
     (["[1, 2]"], r"bad\.jsonl:1: expected a JSON object"),
 ])
@@ -60,7 +61,7 @@ def test_bad_jsonl_names_file_line_and_field(tmp_path, rows, message):
 
 def test_bad_parquet_names_column_and_row(tmp_path):
     pq.write_table(pa.table({"id": ["a"], "problem": ["q"], "category": ["c"]}), tmp_path / "m.parquet")
-    with pytest.raises(DataError, match=r"m\.parquet: missing column 'expected_answer'"):
+    with pytest.raises(DataError, match=r"m\.parquet: missing field 'expected_answer'"):
         load_problems(tmp_path / "m.parquet")
     pq.write_table(pa.table({"id": ["a", "b"], "problem": ["q", None], "expected_answer": ["1", "2"],
                              "category": ["c", "c"]}), tmp_path / "n.parquet")
@@ -132,7 +133,7 @@ def test_sample_seeds_depend_only_on_identity():
 # -- report --------------------------------------------------------------------------------------------------
 
 def test_report_writes_metrics_tables_and_plots(tmp_path):
-    from mathtir.eval.data import Problem
+    from mathtir.eval.problems import Problem
 
     problems = [Problem("p1", "q", "2", "中1"), Problem("p2", "q", "5", "中1"), Problem("p3", "q", "7", "数学I・A")]
     answers = {"p1": ["2", "2", "3"], "p2": ["4", "5", None], "p3": ["7", "7", "7"]}

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from cluster.slurm import slurm_cluster  # noqa: F401  (the module-scoped cluster fixture)
 
-from mathtir.config import load_recipe
-from mathtir.data.config import load_data_recipe
+from mathtir.data.recipe import load_data_recipe
 from mathtir.pipeline import build_stages
+from mathtir.train.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 JOB_NAMES = ("data stage1_cot", "data stage2_tir", "import", "stage1_cot", "stage2_tir", "export", "verify", "eval")
@@ -37,7 +37,7 @@ def test_demo_stages_call_existing_scripts_with_valid_recipes(tmp_path):
         recipe = next((a for a in stage.command if a.endswith(".yaml")), None)
         if recipe is None:
             continue
-        if "mathtir.data" in stage.command:
+        if stage.command[3] == "data":  # [python, -m, mathtir, data, ...]
             cfg = load_data_recipe(recipe, _overrides(stage.command))
             assert str(cfg.output_dir).startswith(str(tmp_path))
         else:
@@ -51,7 +51,7 @@ def test_demo_stages_call_existing_scripts_with_valid_recipes(tmp_path):
 @pytest.mark.cluster
 def test_slurm_pipeline_runs_through_as_dependent_jobs(slurm_cluster, tiny_llama_dir, tmp_path):  # noqa: F811
     raw = tmp_path / "raw"
-    subprocess.run([sys.executable, "-m", "mathtir.data", "demo", "--out", str(raw), "--seed", "0",
+    subprocess.run([sys.executable, "-m", "mathtir", "data", "demo", "--out", str(raw), "--seed", "0",
                     "--train", "24", "--eval", "2"], check=True, cwd=REPO, timeout=300)
     run_root = tmp_path / "runs"
     # One 2-CPU emulated node instead of the scripts' multi-node GPU defaults.

@@ -28,8 +28,8 @@ LAUNCH_ENV = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": 
 def write_packed_shards(out: Path, documents: list[tuple[np.ndarray, np.ndarray]], *, seq_length: int,
                         pad_id: int) -> Path:
     """Packed shards in the data contract's format, from (token ids, trained flags) documents."""
-    from mathtir.data.loader import FORMAT_VERSION
-    from mathtir.data.pack import pack_minimum_slack, packed_row, write_shards
+    from mathtir.data.pack import pack_minimum_slack, packed_row
+    from mathtir.shards import FORMAT_VERSION, write_shards
 
     bins = pack_minimum_slack([len(ids) for ids, _ in documents], seq_length)
     rows = [packed_row([documents[i] for i in b], seq_length, pad_id) for b in bins]
@@ -222,7 +222,7 @@ def test_smollm2_finetuning_lowers_the_loss(runs):
 
 def test_config_errors_are_reported_before_any_work(tmp_path, capsys, tiny_init, tiny_shards):
     """Bad input stops the run with one clear line naming the key or file, before any process group starts."""
-    from mathtir.train import main
+    from mathtir.train.cli import main
 
     common = [f"model.init_from={tiny_init}", f"data.train_dir={tiny_shards}", f"checkpoint.dir={tmp_path / 'x'}"]
     assert main([str(SMOKE), *common, "optim.sched.warmup_step=3"]) == 2
@@ -243,8 +243,8 @@ def test_config_errors_are_reported_before_any_work(tmp_path, capsys, tiny_init,
 def _run_plan(plan_file: str) -> None:
     import torch.distributed as dist
 
-    from mathtir.config import load_recipe
-    from mathtir.train import train
+    from mathtir.train.recipe import load_recipe
+    from mathtir.train.trainer import train
 
     plan = json.loads(Path(plan_file).read_text())
     for name, argv in plan.items():
@@ -256,16 +256,16 @@ def _run_plan(plan_file: str) -> None:
 
 
 def _make_init(hf_dir: str, root: str) -> None:
-    from mathtir import checkpoint, cpu_compat, distributed
-    from mathtir.models.llama import ModelSpec, build_model
+    from mathtir.megatron import checkpoint, parallel
+    from mathtir.megatron.model import build_model
+    from mathtir.models.llama import ModelSpec
 
-    cpu_compat.activate()
-    distributed.initialize(1, 1, seed=0)
+    parallel.initialize(1, 1, seed=0)
     spec = ModelSpec.from_dir(hf_dir)
     chunks = build_model(spec)
     checkpoint.save(root, 0, {"model": checkpoint.model_sharded_state_dict(chunks)}, spec=spec,
                     tokenizer_src=hf_dir)
-    distributed.destroy()
+    parallel.destroy()
 
 
 if __name__ == "__main__":

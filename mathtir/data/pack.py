@@ -1,4 +1,4 @@
-"""Pack tokenized documents into fixed-length sequences and write them as Parquet shards.
+"""Pack tokenized documents into fixed-length sequences (written as shards by mathtir.shards).
 
 Packing is minimum bin slack: each sequence starts with the longest remaining document and is then filled
 with the subset of the remaining documents that leaves the least room (an exact subset-sum over document
@@ -10,20 +10,9 @@ document never spans two sequences) and is deterministic: ties are broken by doc
 from __future__ import annotations
 
 import bisect
-import hashlib
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Sequence
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-SHARD_SCHEMA = pa.schema([
-    ("input_ids", pa.list_(pa.int32())),
-    ("loss_mask", pa.list_(pa.int8())),
-    ("doc_offsets", pa.list_(pa.int32())),
-])
 
 
 def pack_minimum_slack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -102,55 +91,3 @@ def packed_row(docs: Sequence[tuple[np.ndarray, np.ndarray]], seq_length: int, p
         loss_mask[start:end - 1] = trained[1:]
         offsets.append(end)
     return input_ids, loss_mask, np.asarray(offsets, dtype=np.int32)
-
-
-@dataclass
-class ShardInfo:
-    file: str
-    rows: int
-    tokens: int          # non-pad tokens
-    trained_tokens: int  # sum of loss_mask
-    sha256: str
-
-
-def write_shards(out_dir: Path, rows: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], *,
-                 rows_per_shard: int, row_group_size: int) -> list[ShardInfo]:
-    """Write packed rows as shard_{i:05d}.parquet. Same rows -> byte-identical files (no timestamps inside)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shards: list[ShardInfo] = []
-    for index, chunk in enumerate(_chunks(rows, rows_per_shard)):
-        name = f"shard_{index:05d}.parquet"
-        table = pa.Table.from_arrays([
-            _list_array([r[0] for r in chunk], pa.int32()),
-            _list_array([r[1] for r in chunk], pa.int8()),
-            _list_array([r[2] for r in chunk], pa.int32()),
-        ], schema=SHARD_SCHEMA)
-        tmp = out_dir / (name + ".tmp")
-        pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd",
-                       write_statistics=False, store_schema=False)
-        tmp.replace(out_dir / name)
-        shards.append(ShardInfo(
-            file=name, rows=len(chunk),
-            tokens=int(sum(int(r[2][-1]) for r in chunk)),
-            trained_tokens=int(sum(int(r[1].sum()) for r in chunk)),
-            sha256=hashlib.sha256((out_dir / name).read_bytes()).hexdigest()))
-    return shards
-
-
-def _chunks(rows: Iterable, size: int) -> Iterator[list]:
-    chunk: list = []
-    for row in rows:
-        chunk.append(row)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-def _list_array(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
-    lengths = np.fromiter((len(a) for a in arrays), dtype=np.int32, count=len(arrays))
-    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    values = np.concatenate(arrays) if arrays else np.zeros(0)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(value_type.to_pandas_dtype())))

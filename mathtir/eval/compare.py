@@ -1,8 +1,8 @@
 """Compare two evaluation runs on the same problems: a before/after report with a paired test.
 
-    python -m mathtir.eval.compare RUN_A RUN_B [--out report.md] [--names base,tuned]
+    mathtir eval compare RUN_A RUN_B [--out report.md] [--names base,tuned]
 
-Each RUN is an output directory of `ray_eval/run.py` (its metrics.json). Small test sets make single accuracy
+Each RUN is an output directory of `mathtir eval run` / `ray_eval/run.py` (its metrics.json). Small test sets make single accuracy
 numbers misleading — the second model card's 60.0% vs 56.7% on 30 problems is one problem apart — so beside
 each accuracy and its 95% CI this prints the paired comparison on the problems both runs share: the
 difference with its bootstrap CI, how many problems each run alone got right, and the exact McNemar p-value.
@@ -15,7 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from mathtir.answers import paired_comparison
+from mathtir.eval.metrics import paired_comparison
+from mathtir.eval.report import percent_ci
 
 
 def _load_metrics(run: Path) -> dict:
@@ -33,11 +34,6 @@ def _per_problem(metrics: dict, measure: str) -> dict[str, float]:
     if measure == "majority":
         return {pid: float(row["majority_correct"]) for pid, row in rows.items()}
     return {pid: row["num_correct"] / row["num_samples"] for pid, row in rows.items() if row["num_samples"]}
-
-
-def _pct(summary: dict) -> str:
-    lo, hi = summary["ci95"]
-    return f"{100 * summary['accuracy']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
 def compare_runs(run_a: Path, run_b: Path, out: Path, names: tuple[str, str] = ("base", "fine-tuned"),
@@ -64,9 +60,9 @@ def compare_runs(run_a: Path, run_b: Path, out: Path, names: tuple[str, str] = (
         "",
         f"| metric | {names[0]} | {names[1]} |",
         "|---|---|---|",
-        f"| majority@{n} | {_pct(a['majority@k'][str(n)])} | {_pct(b['majority@k'][str(n)])} |",
-        f"| pass@1 (mean over samples) | {_pct(a['pass@1_mean'])} | {_pct(b['pass@1_mean'])} |",
-        f"| pass@{n} | {_pct(a['pass@k'][str(n)])} | {_pct(b['pass@k'][str(n)])} |",
+        f"| majority@{n} | {percent_ci(a['majority@k'][str(n)])} | {percent_ci(b['majority@k'][str(n)])} |",
+        f"| pass@1 (mean over samples) | {percent_ci(a['pass@1_mean'])} | {percent_ci(b['pass@1_mean'])} |",
+        f"| pass@{n} | {percent_ci(a['pass@k'][str(n)])} | {percent_ci(b['pass@k'][str(n)])} |",
         f"| no answer (samples) | {100 * a['no_answer_rate']:.1f}% | {100 * b['no_answer_rate']:.1f}% |",
         "",
         f"## Paired comparison ({names[1]} minus {names[0]}, same problems)",
@@ -88,7 +84,7 @@ def compare_runs(run_a: Path, run_b: Path, out: Path, names: tuple[str, str] = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mathtir.eval.compare", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="mathtir eval compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_a", type=Path, help="the reference run (e.g. the base model)")
     parser.add_argument("run_b", type=Path, help="the run compared against it (e.g. the fine-tuned model)")
     parser.add_argument("--out", type=Path, default=Path("comparison.md"))
@@ -105,6 +101,3 @@ def main(argv: list[str] | None = None) -> int:
     print(out.read_text())
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,17 +1,15 @@
 """Code execution for the TIR loop: sandbox actors on the cluster's CPU nodes (or a local SandboxPool).
 
-SandboxActorExecutor spreads snippets over mathtir.sandbox.ray_actor.SandboxActor replicas (each needs one unit
-of the custom resource "sandbox", which the CPU nodes offer), least-loaded first. Actors are restarted by Ray
-when they die (max_restarts=-1); a snippet whose actor died is run again on a live one (execution is stateless:
-the trajectory's earlier blocks are replayed each time), so a lost actor costs time, never a sample.
+Each mathtir.sandbox.ray_actor.SandboxActor needs one unit of the custom resource "sandbox", which the CPU
+nodes offer; actors are restarted by Ray when they die (max_restarts=-1) and a snippet whose actor died is run
+again on a live one.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 
+from mathtir.eval.actors import ActorPool
 from mathtir.sandbox import ExecResult, SandboxPool
 
 log = logging.getLogger(__name__)
@@ -32,50 +30,27 @@ class PoolExecutor:
 
 
 class SandboxActorExecutor:
+    """Snippets spread over SandboxActor replicas (mathtir.eval.actors.ActorPool), each execution holding a lease
+    of the job's concurrency cap while it runs."""
+
     def __init__(self, actors: list, *, timeout: float, cap=None, max_attempts: int = 6):
-        self.actors = list(actors)
+        self.pool = ActorPool(actors, name="sandbox", max_attempts=max_attempts, max_backoff_s=10.0)
         self.timeout = timeout
         self.cap = cap  # mathtir.sandbox.ray_actor.ConcurrencyCap: executions in flight across the job
-        self.max_attempts = max_attempts
-        self._in_flight = [0] * len(self.actors)
-        self.executions = 0
-        self.actor_failures = 0
-        self.busy_s = 0.0
 
     async def run(self, code: str, history: list[str]) -> ExecResult:
-        import ray
-
         lease = await self.cap.acquire.remote() if self.cap is not None else None
         try:
-            for attempt in range(1, self.max_attempts + 1):
-                index = min(range(len(self.actors)), key=self._in_flight.__getitem__)
-                self._in_flight[index] += 1
-                started = time.perf_counter()
-                try:
-                    result = await self.actors[index].run.remote(code, timeout=self.timeout, history=history)
-                    self.executions += 1
-                    self.busy_s += time.perf_counter() - started
-                    return result
-                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-                    # The actor died (or is restarting): Ray brings it back; run the snippet again.
-                    self.actor_failures += 1
-                    if attempt == self.max_attempts:
-                        raise RuntimeError(f"sandbox actors failed {attempt} times in a row: {e}") from e
-                    log.warning("sandbox actor %d failed (%s); retrying (attempt %d)", index,
-                                type(e).__name__, attempt + 1)
-                    await asyncio.sleep(min(10.0, 0.5 * 2 ** attempt))
-                finally:
-                    self._in_flight[index] -= 1
+            return await self.pool.call("run", code, timeout=self.timeout, history=history)
         finally:
             if lease is not None:
                 await self.cap.release.remote(lease)
-        raise AssertionError("unreachable")
 
     def stats(self) -> dict:
         import ray
 
-        stats = {"actors": len(self.actors), "executions": self.executions,
-                 "actor_failures": self.actor_failures, "busy_s": round(self.busy_s, 2)}
+        stats = self.pool.stats()
+        stats["executions"] = stats.pop("calls")
         if self.cap is not None:
             stats["concurrency"] = ray.get(self.cap.stats.remote(), timeout=60)
         return stats

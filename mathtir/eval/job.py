@@ -1,7 +1,8 @@
 """The evaluation job: validate data, resume records, start sampler + sandbox actors, run every sample's TIR
 loop concurrently, then write metrics.json, report.md (+ PNG plots) and the run manifest.
 
-Entry point: ``ray_eval/run.py`` (``ray job submit --working-dir . -- python ray_eval/run.py ...``). With
+Entry points: ``mathtir eval run ...`` and ``ray_eval/run.py`` (``ray job submit --working-dir . -- python
+ray_eval/run.py ...``). With
 ``RAY_ADDRESS`` set the job joins that cluster; otherwise it starts an embedded Ray bound to 127.0.0.1 with no
 dashboard.
 
@@ -25,11 +26,13 @@ import sys
 import time
 from pathlib import Path
 
-from mathtir.eval.data import DataError, FieldNames, file_sha256, load_problems
+from mathtir.eval.problems import FieldNames, load_problems
 from mathtir.eval.records import RECORDS_FILE, RecordsError, RecordStore
-from mathtir.eval.sampling import BACKENDS
+from mathtir.eval.samplers import BACKENDS
 from mathtir.eval.tir import TIRConfig, run_sample
+from mathtir.files import atomic_write_json, file_sha256
 from mathtir.formats import DIALECT_NAMES, TEMPLATE_NAMES, OutputFormat, get_dialect, get_template
+from mathtir.readers import DataError
 
 log = logging.getLogger("mathtir.eval")
 
@@ -47,8 +50,8 @@ class JobError(RuntimeError):
     pass
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ray_eval/run.py", description=__doc__.split("\n\n")[0],
+def build_parser(prog: str = "mathtir eval run") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", help="HF model directory (hf, vllm); for openai: the tokenizer directory, optional")
     p.add_argument("--data", required=True, help="problems: .jsonl or .parquet")
@@ -155,14 +158,8 @@ def prepare_manifest(output: Path, args: argparse.Namespace, data_sha256: str) -
                      "args": vars(args), "status": "running"})
     manifest["attempts"].append({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "code": code_revision(),
                                  "host": os.uname().nodename, "ray_address": os.environ.get("RAY_ADDRESS")})
-    write_json(path, manifest)
+    atomic_write_json(path, manifest)
     return manifest
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 # -- Ray -----------------------------------------------------------------------------------------------------
@@ -186,7 +183,7 @@ def init_ray(args: argparse.Namespace):
 
 
 def start_samplers(ray, args: argparse.Namespace):
-    from mathtir.eval.sampling import RemoteSampler, sampler_actor_class
+    from mathtir.eval.actors import RemoteSampler, sampler_actor_class
 
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
@@ -210,13 +207,13 @@ def start_samplers(ray, args: argparse.Namespace):
     return RemoteSampler(actors, uses_token_ids=uses_ids[0])
 
 
-def load_tokenizer(args: argparse.Namespace):
+def model_tokenizer(args: argparse.Namespace):
     if not args.model:
         log.warning("no --model tokenizer: inserted output tokens are estimated (3 bytes per token)")
         return None
-    from transformers import AutoTokenizer
+    from mathtir.tokenizers import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(args.model)
+    return load_tokenizer(args.model)
 
 
 # -- the run -------------------------------------------------------------------------------------------------
@@ -241,9 +238,9 @@ async def run_all(todo, store: RecordStore, *, sampler, executor, tokenizer, tem
             task.cancel()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "mathtir eval run") -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     try:
         return run(args)
     except (DataError, RecordsError, JobError) as e:
@@ -288,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
         manifest["attempts"][-1].update(resumed_samples=resumed, torn_bytes=store.torn_bytes)
         sampler_stats = exec_stats = sampling_s = None
         if todo:
-            tokenizer = load_tokenizer(args)
+            tokenizer = model_tokenizer(args)
             template = get_template(args.prompt_template, tokenizer=tokenizer, system=args.system)
             ray = init_ray(args)
             try:
@@ -317,7 +314,7 @@ def run(args: argparse.Namespace) -> int:
     write_results(output, problems, records, args=args, run_stats=run_stats)
     manifest["attempts"][-1].update(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **run_stats)
     manifest["status"] = "complete"
-    write_json(output / MANIFEST_FILE, manifest)
+    atomic_write_json(output / MANIFEST_FILE, manifest)
     log.info("done: %s (%s)", output / "report.md", ", ".join(f"{k}={v}" for k, v in run_stats.items()
                                                                 if k in ("wall_s", "generated_samples")))
     return 0

@@ -1,15 +1,15 @@
-"""metrics.json (mathtir.answers.score_problems + run statistics), report.md with tables, and PNG plots."""
+"""metrics.json (mathtir.eval.metrics.score_problems + run statistics), report.md with tables, and PNG plots."""
 
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
-from mathtir.answers import score_problems
-from mathtir.eval.data import Problem
+from mathtir.eval.metrics import JudgedSample, score_problems
+from mathtir.eval.problems import Problem
 from mathtir.eval.records import SampleRecord
+from mathtir.files import atomic_write_text
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
@@ -49,23 +49,18 @@ def write_results(output: Path, problems: list[Problem], records: list[SampleRec
     by_problem: dict[str, list[SampleRecord]] = {}
     for record in records:
         by_problem.setdefault(record.problem_id, []).append(record)
-    samples = {pid: [r.answer for r in sorted(rs, key=lambda r: r.sample_index)] for pid, rs in by_problem.items()}
-    metrics = score_problems(samples, {p.id: p.expected_answer for p in problems},
-                             {p.id: p.category for p in problems}, seed=args.seed)
+    samples = {pid: [JudgedSample(r.answer, r.correct) for r in sorted(rs, key=lambda r: r.sample_index)]
+               for pid, rs in by_problem.items()}
+    metrics = score_problems(samples, [p.id for p in problems], {p.id: p.category for p in problems}, seed=args.seed)
     metrics["run"] = {**run_stats, **sample_statistics(records)}
-    _write(output / METRICS_FILE, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(output / METRICS_FILE, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     plots = write_plots(output / PLOTS_DIR, metrics)
-    _write(output / REPORT_FILE, render_report(metrics, args=args, plots=[p.relative_to(output) for p in plots]))
+    atomic_write_text(output / REPORT_FILE, render_report(metrics, args=args, plots=[p.relative_to(output) for p in plots]))
     return metrics
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _pct(summary: dict) -> str:
+def percent_ci(summary: dict) -> str:
+    """An accuracy summary as "61.3% [52.0, 70.1]" (the 95% interval in brackets)."""
     low, high = summary["ci95"]
     return f"{100 * summary['accuracy']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
 
@@ -86,9 +81,9 @@ def render_report(metrics: dict, *, args, plots: list[Path]) -> str:
         "",
         "| metric | value |",
         "|---|---|",
-        f"| majority@{n} | {_pct(metrics['majority@k'][str(n)])} |",
-        f"| pass@1 (mean over samples) | {_pct(metrics['pass@1_mean'])} |",
-        f"| pass@{n} | {_pct(metrics['pass@k'][str(n)])} |",
+        f"| majority@{n} | {percent_ci(metrics['majority@k'][str(n)])} |",
+        f"| pass@1 (mean over samples) | {percent_ci(metrics['pass@1_mean'])} |",
+        f"| pass@{n} | {percent_ci(metrics['pass@k'][str(n)])} |",
         f"| no-answer rate (samples) | {100 * metrics['no_answer_rate']:.1f}% |",
         f"| no-answer rate (majority@{n}) | {100 * metrics['majority_no_answer_rate']:.1f}% |",
         "",
@@ -98,15 +93,15 @@ def render_report(metrics: dict, *, args, plots: list[Path]) -> str:
         "|---|---|---|",
     ]
     for k in range(1, n + 1):
-        lines.append(f"| {k} | {_pct(metrics['majority@k'][str(k)])} | {_pct(metrics['pass@k'][str(k)])} |")
+        lines.append(f"| {k} | {percent_ci(metrics['majority@k'][str(k)])} | {percent_ci(metrics['pass@k'][str(k)])} |")
     if metrics.get("per_category"):
         labels = category_labels(list(metrics["per_category"]))
         lines += ["", "## Per category", "",
                   f"| category | plot label | problems | majority@{n} | pass@1 | no answer |",
                   "|---|---|---|---|---|---|"]
         for (name, c), label in zip(metrics["per_category"].items(), labels, strict=True):
-            lines.append(f"| {name} | {label} | {c['num_problems']} | {_pct(c[f'majority@{n}'])} | "
-                         f"{_pct(c['pass@1_mean'])} | {100 * c['no_answer_rate']:.1f}% |")
+            lines.append(f"| {name} | {label} | {c['num_problems']} | {percent_ci(c[f'majority@{n}'])} | "
+                         f"{percent_ci(c['pass@1_mean'])} | {100 * c['no_answer_rate']:.1f}% |")
     lines += ["", "## Run", "", "| statistic | value |", "|---|---|"]
     for key in ("samples", "samples_with_code", "mean_code_rounds", "executions", "timeouts", "exec_errors",
                 "mean_generated_tokens", "mean_inserted_tokens", "mean_response_tokens", "generation_s",

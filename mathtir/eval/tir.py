@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from mathtir.answers import extract_answer, is_equivalent
-from mathtir.eval.data import Problem
+from mathtir.eval.problems import Problem
 from mathtir.eval.records import SampleRecord, sample_seed
-from mathtir.eval.sampling import GenerationRequest, Sampler
+from mathtir.eval.samplers import GenerationRequest, Sampler
 from mathtir.formats import Dialect, OutputFormat, PromptTemplate, format_output, pending_code
 
 ERROR_STATUSES = ("error", "killed", "output_limit", "internal_error")

@@ -90,10 +90,3 @@ def materialize(out_dir: str | Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
-
-if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m mathtir.models.smollm2 OUT_DIR   (writes SmolLM2-135M-Instruct as an HF directory)")
-    print(materialize(sys.argv[1]))

@@ -1,4 +1,4 @@
-"""python -m mathtir.data {prepare,merge,demo} ...
+"""mathtir data {prepare,merge,demo} ...
 
     prepare CONFIG [key=value ...]                       whole preparation: records -> packed shards
     prepare CONFIG [key=value ...] --part I --num-parts N  phase 1 for one slice (a Slurm array task)
@@ -12,12 +12,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from mathtir.config import ConfigError
-from mathtir.data.readers import DataError
+from mathtir.readers import DataError
+from mathtir.recipes import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mathtir.data", description=__doc__,
+    parser = argparse.ArgumentParser(prog="mathtir data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("prepare", "merge"):
@@ -43,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
                                         sandbox_workers=args.sandbox_workers).values():
                 print(path)
             return 0
-        from mathtir.data.config import load_data_recipe
-        from mathtir.data.prepare import merge, prepare, prepare_part
+        from mathtir.data.merge import merge
+        from mathtir.data.part import prepare_part
+        from mathtir.data.prepare import prepare
+        from mathtir.data.recipe import load_data_recipe
 
         cfg = load_data_recipe(args.config, args.overrides)
         if args.command == "merge":
@@ -66,6 +68,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

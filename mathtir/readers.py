@@ -1,8 +1,9 @@
-"""Stream training records from JSONL (plain or gzip), Parquet and HF `datasets` save_to_disk directories.
+"""Rows of the files users bring: JSONL (plain or gzip), Parquet and HF `datasets` save_to_disk directories.
 
-Memory stays bounded: JSONL is read line by line, Parquet and Arrow in record batches. Every record gets a
-location ("file:line" or "file row N") so any error or drop can be traced back to its source. A bad record is
-yielded as an ``InvalidRecord`` (never skipped here): the caller raises or counts it.
+The one reader of every stage (training data preparation, evaluation problems, decontamination sets) and its
+one error type, `DataError`. Memory stays bounded: JSONL is read line by line, Parquet and Arrow in record
+batches. Every row gets a location ("file:line" or "file row N") so any error or drop can be traced back to
+its source. A bad row is yielded as an ``InvalidRecord`` (never skipped here): the caller raises or counts it.
 """
 
 from __future__ import annotations
@@ -20,35 +21,13 @@ _BATCH_ROWS = 1024
 
 
 class DataError(ValueError):
-    """Bad training data; the message names the file, the line/row and the field."""
-
-
-@dataclass(frozen=True)
-class FieldMap:
-    """Which input field holds what. ``messages`` (a chat list) replaces problem/response when set."""
-
-    problem: str | None = "problem"
-    response: str | None = "generated_solution"
-    expected_answer: str | None = "expected_answer"  # None: no answer check possible
-    mode: str | None = None  # e.g. OpenMathReasoning's inference_mode (cot / tir / genselect)
-    messages: str | None = None
-
-
-@dataclass(frozen=True)
-class Record:
-    source: int  # index of the input file in the config's list
-    index: int  # record number within that file, 0-based
-    location: str
-    problem: str
-    response: str
-    expected_answer: str | None
-    mode: str | None
+    """Bad input data; the message names the file, the line/row and the field."""
 
 
 @dataclass(frozen=True)
 class InvalidRecord:
-    source: int
-    index: int
+    source: int  # index of the input in the caller's list (-1: not yet known)
+    index: int  # row number within that input (-1: not yet known)
     location: str
     field: str | None
     reason: str
@@ -189,7 +168,9 @@ def _arrow_rows(path: Path, columns: Sequence[str], owned: Callable[[int], bool]
         raise DataError(f"{path}: not a readable Arrow file ({exc})") from exc
 
 
-def _text(value, field: str) -> str | InvalidRecord:
+def as_text(value, field: str) -> str | InvalidRecord:
+    """A field's value as text. Answers and ids are often numbers in JSON (42, 3.5): they keep their JSON
+    spelling; bool, null and containers are refused, as is an empty string."""
     if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
         return InvalidRecord(-1, -1, "", field, "missing" if value is None else
                              f"must be a string or number, got {type(value).__name__}")
@@ -197,71 +178,3 @@ def _text(value, field: str) -> str | InvalidRecord:
     if not text.strip():
         return InvalidRecord(-1, -1, "", field, "empty")
     return text
-
-
-def map_fields(raw: dict, fields: FieldMap) -> dict[str, str | None] | InvalidRecord:
-    """problem / response / expected_answer / mode from one raw record, by the configured field names."""
-    out: dict[str, str | None] = {"expected_answer": None, "mode": None}
-    if fields.messages:
-        messages = raw.get(fields.messages)
-        if not isinstance(messages, list):
-            return InvalidRecord(-1, -1, "", fields.messages, "missing" if messages is None else "must be a list")
-        by_role: dict[str, list[str]] = {}
-        for turn in messages:
-            if not isinstance(turn, dict) or not isinstance(turn.get("content"), str):
-                return InvalidRecord(-1, -1, "", fields.messages, "each message needs a string 'content'")
-            by_role.setdefault(str(turn.get("role")), []).append(turn["content"])
-        if len(by_role.get("user", [])) != 1 or len(by_role.get("assistant", [])) != 1:
-            return InvalidRecord(-1, -1, "", fields.messages,
-                                 "expected exactly one user and one assistant message (multi-turn is unsupported)")
-        out["problem"], out["response"] = by_role["user"][0], by_role["assistant"][0]
-    else:
-        for key in ("problem", "response"):
-            name = getattr(fields, key)
-            if name not in raw:
-                return InvalidRecord(-1, -1, "", name, "missing")
-            value = _text(raw[name], name)
-            if isinstance(value, InvalidRecord):
-                return value
-            out[key] = value
-    for key in ("expected_answer", "mode"):
-        name = getattr(fields, key)
-        if name is None:
-            continue
-        value = _text(raw.get(name), name)
-        if isinstance(value, InvalidRecord):
-            return value
-        out[key] = value
-    return out
-
-
-def required_columns(fields: FieldMap) -> list[str]:
-    names = [fields.messages] if fields.messages else [fields.problem, fields.response]
-    names += [n for n in (fields.expected_answer, fields.mode) if n]
-    return list(dict.fromkeys(n for n in names if n))
-
-
-def iter_records(inputs: Sequence[tuple[Path, str]], fields: FieldMap, *, part: int = 0, num_parts: int = 1
-                 ) -> Iterator[Record | InvalidRecord]:
-    """Records of all inputs in order; with num_parts > 1 only every num_parts-th one (array jobs).
-
-    Ownership is by global record number, so parts never overlap and their union is the whole input.
-    """
-    columns = required_columns(fields)
-    first = 0  # global number of the current file's first record
-    for source, (path, fmt) in enumerate(inputs):
-        rows = 0
-        for index, (where, raw) in enumerate(
-                iter_rows(path, fmt, columns, owned=lambda i, first=first: (first + i) % num_parts == part)):
-            rows += 1
-            if raw is None:
-                continue
-            if isinstance(raw, InvalidRecord):
-                yield InvalidRecord(source, index, where, raw.field, raw.reason)
-                continue
-            mapped = map_fields(raw, fields)
-            if isinstance(mapped, InvalidRecord):
-                yield InvalidRecord(source, index, where, mapped.field, mapped.reason)
-                continue
-            yield Record(source=source, index=index, location=where, **mapped)
-        first += rows

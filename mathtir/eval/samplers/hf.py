@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from mathtir.eval.sampling import Generation, GenerationRequest
+from mathtir.eval.samplers import Generation, GenerationRequest
 
 # Stop strings are short ("```", "</llm-code>"): the newest 16 tokens always cover one that just completed.
 _STOP_WINDOW_TOKENS = 16

@@ -31,8 +31,8 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from mathtir import checkpoint
-from mathtir.rawio import pread_into
+from mathtir.convert.rawio import pread_into
+from mathtir.megatron import checkpoint
 
 # (stored key, global offset of the region, destination with the region's shape)
 Region = tuple[str, tuple[int, ...], torch.Tensor]

@@ -1,21 +1,22 @@
 """Run megatron-core's real TP/PP/DP code paths on a machine without a GPU (tests, CI, login-node smoke runs).
 
-megatron-core hard-codes CUDA in a few places on the paths mathtir uses (see
-shared/notes/megatron-on-cpu.md, each confirmed necessary by removing it). On CPU:
+megatron-core hard-codes CUDA in a few places on the paths mathtir uses (docs/cpu-compat.md lists each one
+and how it was shown necessary). `activate()` is the one place the layer is applied: mathtir.megatron.parallel
+calls it when it sets up the process groups, and on a machine with a GPU it does nothing. On CPU it
 
-* process-wide, `activate()` makes `torch.cuda`'s device/RNG/stream helpers mean "the CPU" (they would
-  only raise without CUDA), points the model-parallel RNG tracker at the CPU generator and builds the
-  default causal mask on the CPU;
-* `cuda_on_cpu()` is a context manager mapping literal `device="cuda"` / `.cuda()` / `Tensor.type()`
-  checks to the CPU. It is thread-local and makes `Tensor.type()` report CUDA types, so it is entered only
-  around the calls that need it: optimizer construction and `step()`, the pipeline schedule call,
-  checkpoint save/load and model construction with tied embeddings across pipeline stages.
-* `fix_torch_adam_checkpoints()` makes DistributedOptimizer checkpoints of the torch Adam/AdamW fallback
-  (no Apex/TE) resume exactly. It is not a CPU issue: `activate()` installs it, and a GPU job without
-  Apex/TE must call it itself (a no-op when Apex/TE is present).
+* makes `torch.cuda`'s device/RNG/stream helpers mean "the CPU" (they would only raise without CUDA), points
+  the model-parallel RNG tracker at the CPU generator and builds the default causal mask on the CPU;
+* wraps the megatron-core entry points whose bodies ask for CUDA devices or CUDA tensor types (`ENTRY_POINTS`:
+  optimizer construction, `step()` and `sharded_state_dict()`, the pipeline schedules, dist_checkpointing's
+  save and load, tied-embedding setup) so that they run inside `_CudaAsCpu`, a TorchFunctionMode mapping
+  literal `device="cuda"` / `.cuda()` / `Tensor.type()` checks to the CPU. The mode is entered only there:
+  it is thread-local and makes `Tensor.type()` report CUDA types, which nothing else must see;
+* installs `fix_torch_adam_checkpoints()`, which makes DistributedOptimizer checkpoints of the torch
+  Adam/AdamW fallback (no Apex/TE) resume exactly. That one is not a CPU issue: a GPU job without Apex/TE
+  calls it itself (a no-op when Apex/TE is present).
 
 The layer patches private megatron-core internals, so it is pinned to the version it was written and
-tested against and refuses to run on another one. Nothing here is active when CUDA is available.
+tested against and refuses to run on another one.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import contextlib
 import functools
 import importlib
 import logging
+import threading
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -44,9 +46,59 @@ def activate() -> bool:
     _patch_torch_cuda()
     _patch_rng_tracker()
     _patch_causal_mask()
+    for module_name, attr in ENTRY_POINTS:
+        _run_on_cpu(module_name, attr)
     fix_torch_adam_checkpoints()
     _active = True
     return True
+
+
+# The megatron-core callables whose bodies request CUDA devices or assert CUDA tensor types on the paths
+# mathtir uses, as (module, attribute or Class.method). Methods are wrapped on the class that defines them.
+ENTRY_POINTS = (
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.__init__"),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.sharded_state_dict"),
+    ("megatron.core.optimizer.optimizer", "FP32Optimizer.__init__"),
+    ("megatron.core.optimizer.optimizer", "FP32Optimizer.step"),
+    ("megatron.core.optimizer.optimizer", "FP32Optimizer.sharded_state_dict"),
+    ("megatron.core.optimizer.optimizer", "MixedPrecisionOptimizer.step"),
+    ("megatron.core.optimizer.optimizer", "ChainedOptimizer.step"),
+    ("megatron.core.optimizer.optimizer", "ChainedOptimizer.sharded_state_dict"),
+    ("megatron.core.pipeline_parallel.schedules", "forward_backward_no_pipelining"),
+    ("megatron.core.pipeline_parallel.schedules", "forward_backward_pipelining_without_interleaving"),
+    ("megatron.core.pipeline_parallel.schedules", "forward_backward_pipelining_with_interleaving"),
+    ("megatron.core.dist_checkpointing", "save"),
+    ("megatron.core.dist_checkpointing", "load"),
+    ("megatron.core.models.common.language_module.language_module",
+     "LanguageModule.setup_embeddings_and_output_layer"),
+)
+_inside = threading.local()  # nesting depth of wrapped calls on this thread (a step calls clip_grads, ...)
+
+
+def _run_on_cpu(module_name: str, attr: str) -> None:
+    """Make `module.attr` (a function, or a method of a class of the module) run inside `_CudaAsCpu`."""
+    owner = importlib.import_module(module_name)
+    *classes, name = attr.split(".")
+    for class_name in classes:
+        owner = getattr(owner, class_name, None)
+    if owner is None or name not in vars(owner):
+        raise RuntimeError(f"mathtir.megatron.compat: {module_name}.{attr} does not exist in this version; the "
+                           "CPU layer must be updated")
+    original = vars(owner)[name]
+
+    @functools.wraps(original)
+    def on_cpu(*args, **kwargs):
+        depth = getattr(_inside, "depth", 0)
+        _inside.depth = depth + 1
+        try:
+            if depth:
+                return original(*args, **kwargs)
+            with _CudaAsCpu():
+                return original(*args, **kwargs)
+        finally:
+            _inside.depth = depth
+
+    setattr(owner, name, on_cpu)
 
 
 def _check_megatron_version() -> None:
@@ -55,7 +107,7 @@ def _check_megatron_version() -> None:
     version = getattr(megatron.core, "__version__", "unknown")
     if version not in WRITTEN_FOR_MEGATRON_CORE:
         raise RuntimeError(
-            f"mathtir.cpu_compat was written for megatron-core {', '.join(WRITTEN_FOR_MEGATRON_CORE)} and patches "
+            f"mathtir.megatron.compat was written for megatron-core {', '.join(WRITTEN_FOR_MEGATRON_CORE)} and patches "
             f"its internals; found megatron-core {version}. CPU runs need the pinned version "
             "(pip install megatron-core==0.16.1); GPU runs do not use this layer."
         )
@@ -66,7 +118,8 @@ def _replace(module_name: str, attr: str, replacement) -> None:
     module = importlib.import_module(module_name)
     if not hasattr(module, attr):
         raise RuntimeError(
-            f"mathtir.cpu_compat: {module_name}.{attr} does not exist in this version; the CPU layer must be updated"
+            f"mathtir.megatron.compat: {module_name}.{attr} does not exist in this version; the CPU layer must be "
+            "updated"
         )
     setattr(module, attr, replacement)
 
@@ -178,17 +231,6 @@ class _CudaAsCpu(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@contextlib.contextmanager
-def cuda_on_cpu():
-    """Inside: literal CUDA device requests land on the CPU. A no-op when CUDA is available or the layer
-    is not active."""
-    if not _active:
-        yield
-        return
-    with _CudaAsCpu():
-        yield
-
-
 _adam_fixed = False
 
 
@@ -211,7 +253,7 @@ def fix_torch_adam_checkpoints() -> bool:
     cls = distrib_optimizer.DistributedOptimizer
     for name in ("state_dict", "load_state_dict", "_set_main_param_and_optimizer_states"):
         if not hasattr(cls, name):
-            raise RuntimeError(f"mathtir.cpu_compat: DistributedOptimizer.{name} is gone; update the Adam fix")
+            raise RuntimeError(f"mathtir.megatron.compat: DistributedOptimizer.{name} is gone; update the Adam fix")
     original_state_dict = cls.state_dict
     original_load_state_dict = cls.load_state_dict
     original_set_states = cls._set_main_param_and_optimizer_states

@@ -1,23 +1,86 @@
-"""What the trainer reads: packed SFT shards written by ``mathtir.data prepare``.
+"""Packed SFT shards: the on-disk contract between data preparation (which writes them) and the trainer (which
+reads them).
 
-A row of a shard is one packed sequence of ``seq_length`` tokens holding whole documents back to back
-(``doc_offsets`` are their boundaries, cu_seqlens style) and right padding. ``loss_mask[t]`` already refers to
-the *label* at t (token t+1), so the trainer multiplies the per-token loss of ``labels`` by it directly.
+A directory holds ``shard_{i:05d}.parquet`` files and a ``manifest.json`` written last. A row of a shard is one
+packed sequence of ``seq_length`` tokens holding whole documents back to back (``doc_offsets`` are their
+boundaries, cu_seqlens style) and right padding. ``loss_mask[t]`` already refers to the *label* at t (token
+t+1), so the trainer multiplies the per-token loss of ``labels`` by it directly.
 """
 
 from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+
+from mathtir.files import atomic_target, file_sha256
 
 SHARD_GLOB = "shard_*.parquet"
 FORMAT_VERSION = 1
 _CACHED_ROW_GROUPS = 8
+SHARD_SCHEMA = pa.schema([
+    ("input_ids", pa.list_(pa.int32())),
+    ("loss_mask", pa.list_(pa.int8())),
+    ("doc_offsets", pa.list_(pa.int32())),
+])
+
+
+@dataclass
+class ShardInfo:
+    file: str
+    rows: int
+    tokens: int          # non-pad tokens
+    trained_tokens: int  # sum of loss_mask
+    sha256: str
+
+
+def write_shards(out_dir: Path, rows: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], *,
+                 rows_per_shard: int, row_group_size: int) -> list[ShardInfo]:
+    """Write packed rows as shard_{i:05d}.parquet. Same rows -> byte-identical files (no timestamps inside)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards: list[ShardInfo] = []
+    for index, chunk in enumerate(_chunks(rows, rows_per_shard)):
+        name = f"shard_{index:05d}.parquet"
+        table = pa.Table.from_arrays([
+            _list_array([r[0] for r in chunk], pa.int32()),
+            _list_array([r[1] for r in chunk], pa.int8()),
+            _list_array([r[2] for r in chunk], pa.int32()),
+        ], schema=SHARD_SCHEMA)
+        with atomic_target(out_dir / name) as tmp:
+            pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd",
+                           write_statistics=False, store_schema=False)
+        shards.append(ShardInfo(
+            file=name, rows=len(chunk),
+            tokens=int(sum(int(r[2][-1]) for r in chunk)),
+            trained_tokens=int(sum(int(r[1].sum()) for r in chunk)),
+            sha256=file_sha256(out_dir / name)))
+    return shards
+
+
+def _chunks(rows: Iterable, size: int) -> Iterator[list]:
+    chunk: list = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _list_array(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
+    lengths = np.fromiter((len(a) for a in arrays), dtype=np.int32, count=len(arrays))
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.concatenate(arrays) if arrays else np.zeros(0)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(value_type.to_pandas_dtype())))
 
 
 class PackedDataset:
@@ -95,38 +158,3 @@ class PackedDataset:
             "loss_mask": torch.from_numpy(self._row(group, "loss_mask", row).astype(np.float32)),
             "doc_offsets": torch.from_numpy(self._row(group, "doc_offsets", row).astype(np.int64)),
         }
-
-
-def block_causal_mask(doc_offsets_batch: list[torch.Tensor], s: int) -> torch.Tensor:
-    """[b, 1, s, s] bool, True = masked: causal inside each document, nothing across documents.
-
-    The padding after the last document forms one more causal block, so no attention row is fully masked
-    (a fully masked softmax row gives NaN even though its loss is masked).
-    """
-    positions = torch.arange(s)
-    causal = torch.ones(s, s, dtype=torch.bool).triu(1)
-    masks = []
-    for offsets in doc_offsets_batch:
-        doc_of_position = torch.searchsorted(offsets[1:].to(torch.long), positions, right=True)
-        masks.append((doc_of_position[:, None] != doc_of_position[None, :]) | causal)
-    return torch.stack(masks).unsqueeze(1)
-
-
-def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
-    """A micro-batch: stacked tokens/labels/loss_mask, the documents' offsets and their attention mask."""
-    seq_length = samples[0]["tokens"].numel()
-    doc_offsets = [sample["doc_offsets"] for sample in samples]
-    return {
-        "tokens": torch.stack([sample["tokens"] for sample in samples]),
-        "labels": torch.stack([sample["labels"] for sample in samples]),
-        "loss_mask": torch.stack([sample["loss_mask"] for sample in samples]),
-        "doc_offsets": doc_offsets,
-        "attention_mask": block_causal_mask(doc_offsets, seq_length),
-    }
-
-
-def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
-    """The order in which epoch ``epoch`` visits the n packed sequences: a seeded permutation, identical on
-    every rank and every platform (numpy PCG64), so a resumed run continues exactly where it stopped."""
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch])))
-    return rng.permutation(n).tolist()

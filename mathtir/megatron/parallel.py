@@ -1,4 +1,4 @@
-"""Process group + megatron model-parallel state + RNG, shared by the converters and the trainer.
+"""Process groups + megatron model-parallel state + RNG, shared by the converters and the trainer.
 
 Launchers: torchrun (locally, and under Slurm one srun task per node running torchrun — slurm/common.sh),
 or a plain `python` (a world of one).
@@ -14,7 +14,7 @@ from datetime import timedelta
 
 import torch
 
-from mathtir import cpu_compat
+from mathtir.megatron import compat
 
 
 def _free_port() -> int:
@@ -39,7 +39,7 @@ def initialize(tp: int, pp: int, *, seed: int, vp: int | None = None, timeout_mi
     """
     from megatron.core import parallel_state, tensor_parallel
 
-    cpu_compat.activate()
+    compat.activate()  # the one place the CPU layer is applied (a no-op with a GPU)
     if not torch.distributed.is_initialized():
         _fill_env_from_launcher()
         if torch.cuda.is_available():

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
-from mathtir import checkpoint
+from mathtir.convert.torch_dist import PartReader
+from mathtir.megatron import checkpoint
+from mathtir.megatron.model import build_model
 from mathtir.models.llama import ModelSpec, rope_parameters
 
 PROMPTS = (
@@ -48,6 +50,17 @@ def _special_ids(tokenizer_dir: Path) -> dict:
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     return {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id, "len": len(tok),
             "chat_template": bool(tok.chat_template)}
+
+
+def load_megatron(ckpt: str | Path, *, dtype: torch.dtype | None = None) -> tuple[ModelSpec, list]:
+    """Build the model for the current parallel state and load the checkpoint's weights into it, in the
+    stored dtype or, if given, in `dtype` (torch_dist casts while loading)."""
+    root, iteration = checkpoint.resolve_root(ckpt)
+    spec = ModelSpec.from_dir(root)
+    dtype = dtype or PartReader(root, iteration).stored_dtype()
+    chunks = build_model(spec, params_dtype=dtype, perform_initialization=False, use_te=False)
+    checkpoint.load_model(root, chunks, iteration)
+    return spec, chunks
 
 
 def identity_checks(hf_dir: str | Path, root: str | Path) -> list[Check]:
@@ -109,8 +122,6 @@ def megatron_logits(chunks: list, ids: torch.Tensor, vocab_size: int) -> torch.T
 def logits_parity(hf_dir: str | Path, ckpt: str | Path) -> dict:
     """Collective over the TP ranks (PP=1). Every rank returns the same figures."""
     from transformers import LlamaForCausalLM
-
-    from mathtir.models.conversion import load_megatron
 
     spec, chunks = load_megatron(ckpt, dtype=torch.float32)
     for chunk in chunks:

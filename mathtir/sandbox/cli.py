@@ -1,4 +1,4 @@
-"""python -m mathtir.sandbox selftest [--workers N] [--allow-degraded]
+"""mathtir sandbox selftest [--workers N] [--allow-degraded]
 
 Runs the hostile catalog (mathtir/sandbox/catalog.py) against a real pool and prints one row per case.
 Exit status 0 only if every case was contained.
@@ -7,7 +7,6 @@ Exit status 0 only if every case was contained.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from mathtir.sandbox.catalog import CATALOG, HostBait, run_catalog
@@ -37,7 +36,7 @@ def selftest(workers: int, allow_degraded: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mathtir.sandbox")
+    parser = argparse.ArgumentParser(prog="mathtir sandbox", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     st = sub.add_parser("selftest", help="run the hostile catalog and print a table")
     st.add_argument("--workers", type=int, default=2)
@@ -46,6 +45,3 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     return selftest(args.workers, args.allow_degraded)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

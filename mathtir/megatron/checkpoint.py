@@ -19,8 +19,8 @@ import os
 import shutil
 from pathlib import Path
 
-from mathtir import cpu_compat
-from mathtir.distributed import barrier, rank
+from mathtir.files import atomic_write_text
+from mathtir.megatron.parallel import barrier, rank
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 HF_CONFIG_FILE = "hf_config.json"
@@ -54,12 +54,6 @@ def latest_iteration(root: str | Path) -> int | None:
     return int(text)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
     """Copy the tokenizer/chat-template/generation-config files `src` has; returns the names copied."""
     src, dst = Path(src), Path(dst)
@@ -88,7 +82,7 @@ def save(root: str | Path, iteration: int, state: dict, *, spec, tokenizer_src: 
     target = iteration_dir(root, iteration)
     if rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
-        _atomic_write(root / HF_CONFIG_FILE, json.dumps(spec.hf_config, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(root / HF_CONFIG_FILE, json.dumps(spec.hf_config, indent=2, sort_keys=True) + "\n")
         if tokenizer_src is not None and not (root / TOKENIZER_DIR).is_dir():
             tmp = root / f"{TOKENIZER_DIR}.tmp{os.getpid()}"
             copy_tokenizer_files(tokenizer_src, tmp)
@@ -98,11 +92,11 @@ def save(root: str | Path, iteration: int, state: dict, *, spec, tokenizer_src: 
         target.mkdir()
     barrier()
     _collect_write_results_in_process()
-    with cpu_compat.cuda_on_cpu(), _without_zip_checksums():
+    with _without_zip_checksums():
         dist_checkpointing.save(state, str(target), sharded_strategy=("torch_dist", 1))
     barrier()
     if rank() == 0:
-        _atomic_write(root / LATEST_FILE, f"{iteration}\n")
+        atomic_write_text(root / LATEST_FILE, f"{iteration}\n")
     barrier()
     return target
 
@@ -173,8 +167,7 @@ def load(root: str | Path, state_template: dict, iteration: int | None = None) -
 
     ckpt_dir = iteration_to_read(root, iteration)
     _check_against_metadata(state_template, ckpt_dir)
-    with cpu_compat.cuda_on_cpu():
-        return dist_checkpointing.load(state_template, str(ckpt_dir))
+    return dist_checkpointing.load(state_template, str(ckpt_dir))
 
 
 def model_sharded_state_dict(chunks: list) -> dict:
@@ -192,3 +185,13 @@ def load_model(root: str | Path, chunks: list, iteration: int | None = None) -> 
     else:
         for i, chunk in enumerate(chunks):
             chunk.load_state_dict(loaded[f"vp{i}"])
+
+
+def resolve_root(ckpt: str | Path) -> tuple[Path, int | None]:
+    """Accept a checkpoint root or one of its iter_N directories."""
+    ckpt = Path(ckpt)
+    if ckpt.name.startswith("iter_") and (ckpt.parent / HF_CONFIG_FILE).is_file():
+        return ckpt.parent, int(ckpt.name.removeprefix("iter_"))
+    if not (ckpt / HF_CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{ckpt}: no {HF_CONFIG_FILE}; not a mathtir checkpoint root")
+    return ckpt, None

@@ -15,7 +15,7 @@ import time
 import urllib.error
 import urllib.request
 
-from mathtir.eval.sampling import Generation, GenerationRequest
+from mathtir.eval.samplers import Generation, GenerationRequest
 from mathtir.formats import get_dialect, pending_code
 
 _RETRY_STATUSES = (429, 500, 502, 503, 504)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from mathtir.config import ConfigError, load_structured
+from mathtir.recipes import check, load_structured
 
 
 @dataclass
@@ -106,30 +106,26 @@ DIALECTS = ("tir", "openmath")
 
 
 def load_data_recipe(path: str | Path, overrides: list[str] = ()) -> DictConfig:
-    cfg = load_structured(path, DataRecipe, overrides, schema_home="mathtir/data/config.py")
+    cfg = load_structured(path, DataRecipe, overrides, schema_home="mathtir/data/recipe.py")
     validate(cfg, str(path))
     return cfg
 
 
 def validate(cfg: DictConfig, source: str) -> None:
-    def check(ok: bool, key: str, message: str) -> None:
-        if not ok:
-            raise ConfigError(f"{source}: key '{key}': {message}")
-
-    check(len(cfg.inputs) > 0, "inputs", "needs at least one input")
-    check(cfg.input_format in FORMATS, "input_format", f"'{cfg.input_format}' is not one of {FORMATS}")
-    check(cfg.dialect in DIALECTS, "dialect", f"'{cfg.dialect}' is not one of {DIALECTS}")
-    check(cfg.seq_length >= 2, "seq_length", "must be >= 2")
-    check(cfg.workers >= 0 and cfg.batch_size >= 1, "workers", "workers must be >= 0 and batch_size >= 1")
-    check(cfg.fields.messages is not None or (cfg.fields.problem and cfg.fields.response), "fields",
+    check(len(cfg.inputs) > 0, source, "inputs", "needs at least one input")
+    check(cfg.input_format in FORMATS, source, "input_format", f"'{cfg.input_format}' is not one of {FORMATS}")
+    check(cfg.dialect in DIALECTS, source, "dialect", f"'{cfg.dialect}' is not one of {DIALECTS}")
+    check(cfg.seq_length >= 2, source, "seq_length", "must be >= 2")
+    check(cfg.workers >= 0 and cfg.batch_size >= 1, source, "workers", "workers must be >= 0 and batch_size >= 1")
+    check(cfg.fields.messages is not None or (cfg.fields.problem and cfg.fields.response), source, "fields",
           "set fields.problem and fields.response, or fields.messages")
-    check(cfg.filters.modes is None or cfg.fields.mode is not None, "filters.modes", "needs fields.mode")
-    check(cfg.verify.workers >= 1 and cfg.verify.timeout_s > 0, "verify", "workers >= 1 and timeout_s > 0")
-    check(0 < cfg.dedup.near_threshold <= 1, "dedup.near_threshold", "must be in (0, 1]")
-    check(cfg.dedup.num_perm % cfg.dedup.bands == 0, "dedup.bands", "must divide dedup.num_perm")
-    check(cfg.decontam.ngram >= 1 and 0 < cfg.decontam.min_overlap <= 1, "decontam",
+    check(cfg.filters.modes is None or cfg.fields.mode is not None, source, "filters.modes", "needs fields.mode")
+    check(cfg.verify.workers >= 1 and cfg.verify.timeout_s > 0, source, "verify", "workers >= 1 and timeout_s > 0")
+    check(0 < cfg.dedup.near_threshold <= 1, source, "dedup.near_threshold", "must be in (0, 1]")
+    check(cfg.dedup.num_perm % cfg.dedup.bands == 0, source, "dedup.bands", "must divide dedup.num_perm")
+    check(cfg.decontam.ngram >= 1 and 0 < cfg.decontam.min_overlap <= 1, source, "decontam",
           "ngram >= 1 and min_overlap in (0, 1]")
-    check(cfg.pack.rows_per_shard >= 1 and cfg.pack.row_group_size >= 1, "pack", "sizes must be >= 1")
+    check(cfg.pack.rows_per_shard >= 1 and cfg.pack.row_group_size >= 1, source, "pack", "sizes must be >= 1")
 
 
 # Keys that change how the work is done but not its result: a part written with other values is reused.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from mathtir.eval.sampling import Generation, GenerationRequest
+from mathtir.eval.samplers import Generation, GenerationRequest
 
 
 class VLLMSampler:

@@ -1,0 +1,147 @@
+"""mathtir convert {import,export,verify}: HF <-> megatron checkpoints and their parity check.
+
+    mathtir convert import --hf-dir DIR --out DIR [--tp N] [--pp N] [--dtype bf16|fp32]
+    mathtir convert export --ckpt DIR --out DIR [--hf-template DIR]
+    mathtir convert verify --hf-dir DIR --ckpt DIR [--tp N] [--atol X]
+
+import writes a torch_dist checkpoint (iteration 0) that loads at any TP/PP; with --tp/--pp > 1 it re-launches
+itself under torchrun (or runs inside an existing torchrun/srun world). export takes a checkpoint root (its
+latest iteration) or one of its iter_NNNNNNN directories, written at any TP/PP, and writes safetensors shards
+with an index, config.json, generation_config.json, the tokenizer files and chat template (from --hf-template if
+given, else the copy kept in the checkpoint). verify compares vocabulary size, bos/eos/pad ids, RoPE parameters,
+head dim, KV heads and the tie flag, then runs fixed prompts through both models in fp32: max-abs logit
+difference, cosine and top-1/top-5 agreement; exit 1 on any failure. Bad input: exit 2 with the reason.
+`convert/hf_to_megatron.py`, `convert/megatron_to_hf.py` and `convert/verify.py` are the same commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from mathtir.models.llama import UnsupportedModelError
+
+INPUT_ERRORS = (FileExistsError, FileNotFoundError, KeyError, ValueError, UnsupportedModelError)
+
+
+def build_parser(prog: str = "mathtir convert") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("import", help="HF directory -> megatron checkpoint")
+    p.add_argument("--hf-dir", required=True, help="HF model directory (config.json + safetensors)")
+    p.add_argument("--out", required=True, help="checkpoint root to write")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel ranks used for the conversion")
+    p.add_argument("--pp", type=int, default=1, help="pipeline parallel ranks used for the conversion")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="dtype of the stored weights")
+    p = sub.add_parser("export", help="megatron checkpoint -> HF directory")
+    p.add_argument("--ckpt", required=True, help="checkpoint root or iter_N directory")
+    p.add_argument("--out", required=True, help="HF directory to write")
+    p.add_argument("--hf-template", help="HF directory whose tokenizer/chat template/generation config to copy")
+    p = sub.add_parser("verify", help="is the checkpoint the same model as the HF directory? (logits parity)")
+    p.add_argument("--hf-dir", required=True)
+    p.add_argument("--ckpt", required=True, help="checkpoint root or iter_N directory")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel size to run the megatron side at")
+    p.add_argument("--atol", type=float, default=1e-3, help="max allowed |logit difference| (fp32)")
+    p.add_argument("--min-cosine", type=float, default=0.99999)
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = "mathtir convert") -> int:
+    args = build_parser(prog).parse_args(argv)
+    return {"import": import_checkpoint, "export": export_checkpoint, "verify": verify_checkpoint}[args.command](args)
+
+
+def _fail(tool: str, error: Exception) -> int:
+    print(f"{tool}: error: {error}", file=sys.stderr)
+    return 2
+
+
+def import_checkpoint(args: argparse.Namespace) -> int:
+    import torch
+
+    from mathtir.convert.importer import import_hf
+    from mathtir.convert.safetensors import DTYPES, HFWeights
+    from mathtir.megatron import checkpoint, parallel
+    from mathtir.models.llama import ModelSpec
+
+    try:
+        # Validate before any rank starts, so a bad input gives one clear message.
+        spec = ModelSpec.from_dir(args.hf_dir)
+        spec.check_parallel(args.tp, args.pp)
+        HFWeights(args.hf_dir).check_against(spec)
+        if checkpoint.latest_iteration(args.out) is not None:
+            raise FileExistsError(f"{args.out} already holds a checkpoint; choose a new --out")
+    except INPUT_ERRORS as e:
+        return _fail("hf_to_megatron", e)
+    parallel.relaunch_under_torchrun(args.tp * args.pp)
+
+    start = time.perf_counter()
+    parallel.initialize(args.tp, args.pp, seed=0)
+    world = torch.distributed.get_world_size()
+    if world != args.tp * args.pp:
+        return _fail("hf_to_megatron", ValueError(f"launched with {world} ranks, need tp*pp = {args.tp * args.pp}"))
+    target = import_hf(args.hf_dir, args.out, dtype=DTYPES[args.dtype], tp=args.tp, pp=args.pp)
+    if parallel.rank() == 0:
+        print(f"hf_to_megatron: wrote {target} (tp={args.tp} pp={args.pp} dtype={args.dtype}) "
+              f"in {time.perf_counter() - start:.1f}s")
+    parallel.destroy()
+    return 0
+
+
+def export_checkpoint(args: argparse.Namespace) -> int:
+    from mathtir.convert.exporter import export_hf
+    from mathtir.megatron import checkpoint, parallel
+    from mathtir.models.llama import ModelSpec
+
+    try:
+        root, _ = checkpoint.resolve_root(args.ckpt)
+        ModelSpec.from_dir(root)
+    except INPUT_ERRORS as e:
+        return _fail("megatron_to_hf", e)
+    start = time.perf_counter()
+    # One process: a checkpoint of any TP/PP is read layer by layer into the TP=1/PP=1 layout.
+    parallel.initialize(1, 1, seed=0)
+    try:
+        out = export_hf(args.ckpt, args.out, hf_template=args.hf_template)
+    except INPUT_ERRORS as e:
+        return _fail("megatron_to_hf", e)
+    print(f"megatron_to_hf: wrote {out} in {time.perf_counter() - start:.1f}s")
+    parallel.destroy()
+    return 0
+
+
+def verify_checkpoint(args: argparse.Namespace) -> int:
+    from mathtir.convert.verify import identity_checks, logits_parity
+    from mathtir.megatron import checkpoint, parallel
+    from mathtir.models.llama import ModelSpec
+
+    try:
+        root, _ = checkpoint.resolve_root(args.ckpt)
+        ModelSpec.from_dir(root).check_parallel(args.tp, 1)
+        checks = identity_checks(args.hf_dir, root)
+    except INPUT_ERRORS as e:
+        return _fail("verify", e)
+    parallel.relaunch_under_torchrun(args.tp)
+    parallel.initialize(args.tp, 1, seed=0)
+    lead = parallel.rank() == 0
+    failed = [c for c in checks if not c.ok]
+    if lead:
+        for c in checks:
+            print(f"{'ok  ' if c.ok else 'FAIL'} {c.field}: hf={c.hf!r} ckpt={c.ckpt!r}")
+    try:
+        result = logits_parity(args.hf_dir, args.ckpt)
+    except INPUT_ERRORS as e:  # e.g. a checkpoint of another config
+        parallel.destroy()
+        return _fail("verify", e) if lead else 2
+    logits_ok = (result["max_abs_diff"] <= args.atol and result["min_cosine"] >= args.min_cosine
+                 and result["top1_agreement"] == 1.0)
+    if lead:
+        print(f"{'ok  ' if logits_ok else 'FAIL'} logits (tp={args.tp}, {result['positions']} positions): "
+              f"max_abs_diff={result['max_abs_diff']:.3e} (atol {args.atol:g}) "
+              f"min_cosine={result['min_cosine']:.8f} top1={result['top1_agreement']:.4f} "
+              f"top5={result['top5_agreement']:.4f}")
+        print("verify: PASSED" if logits_ok and not failed else "verify: FAILED")
+    parallel.destroy()
+    return 0 if logits_ok and not failed else 1

@@ -1,0 +1,25 @@
+"""Tokenizer loading from a local directory, the one way every stage does it (no hub is reachable)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mathtir.readers import DataError
+
+
+def load_tokenizer(path: str | Path, *, require_fast: bool = False):
+    """The HF tokenizer saved in directory `path` (a model directory or a checkpoint's tokenizer/ copy).
+
+    `require_fast`: refuse tokenizers without a tokenizer.json (data preparation tokenizes in Rust batches and
+    reads character offsets). Raises DataError naming the directory."""
+    from transformers import AutoTokenizer
+
+    if not Path(path).is_dir():
+        raise DataError(f"{path}: tokenizer directory not found (a local HF model or tokenizer directory)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot load a tokenizer from this directory ({exc})") from exc
+    if require_fast and not getattr(tokenizer, "is_fast", False):
+        raise DataError(f"{path}: a fast (Rust) tokenizer is needed; this directory has no tokenizer.json")
+    return tokenizer
