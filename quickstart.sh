@@ -51,6 +51,7 @@ setup_python() {
 
 run_tests() {
   .venv/bin/ruff check .
+  .venv/bin/lint-imports --no-cache
   # shellcheck disable=SC2046
   shellcheck -x $(git ls-files '*.sh' 2>/dev/null || find . -name '*.sh' -not -path './.venv/*')
   local rc=0

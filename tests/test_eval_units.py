@@ -65,7 +65,7 @@ def test_bad_parquet_names_column_and_row(tmp_path):
         load_problems(tmp_path / "m.parquet")
     pq.write_table(pa.table({"id": ["a", "b"], "problem": ["q", None], "expected_answer": ["1", "2"],
                              "category": ["c", "c"]}), tmp_path / "n.parquet")
-    with pytest.raises(DataError, match=r"n\.parquet: row 1: field 'problem'"):
+    with pytest.raises(DataError, match=r"n\.parquet row 1: field 'problem'"):
         load_problems(tmp_path / "n.parquet")
 
 

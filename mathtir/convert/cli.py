@@ -43,7 +43,8 @@ def build_parser(prog: str = "mathtir convert") -> argparse.ArgumentParser:
     p.add_argument("--hf-dir", required=True)
     p.add_argument("--ckpt", required=True, help="checkpoint root or iter_N directory")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size to run the megatron side at")
-    p.add_argument("--atol", type=float, default=1e-3, help="max allowed |logit difference| (fp32)")
+    p.add_argument("--atol", type=float, default=None,
+                   help="max allowed |logit difference| (default: derived from fp32 and the logits' scale)")
     p.add_argument("--min-cosine", type=float, default=0.99999)
     return parser
 
@@ -135,11 +136,13 @@ def verify_checkpoint(args: argparse.Namespace) -> int:
     except INPUT_ERRORS as e:  # e.g. a checkpoint of another config
         parallel.destroy()
         return _fail("verify", e) if lead else 2
-    logits_ok = (result["max_abs_diff"] <= args.atol and result["min_cosine"] >= args.min_cosine
+    atol = args.atol if args.atol is not None else result["tolerance"]
+    logits_ok = (result["max_abs_diff"] <= atol and result["min_cosine"] >= args.min_cosine
                  and result["top1_agreement"] == 1.0)
     if lead:
         print(f"{'ok  ' if logits_ok else 'FAIL'} logits (tp={args.tp}, {result['positions']} positions): "
-              f"max_abs_diff={result['max_abs_diff']:.3e} (atol {args.atol:g}) "
+              f"max_abs_diff={result['max_abs_diff']:.3e} (atol {atol:.3e}"
+              f"{'' if args.atol is not None else ', derived'}) "
               f"min_cosine={result['min_cosine']:.8f} top1={result['top1_agreement']:.4f} "
               f"top5={result['top5_agreement']:.4f}")
         print("verify: PASSED" if logits_ok and not failed else "verify: FAILED")

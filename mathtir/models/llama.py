@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
@@ -149,8 +148,9 @@ class ModelSpec:
                 f"{self.source}: num_hidden_layers={self.num_layers} is not divisible by PP*VP={stages}"
             )
 
-    def hf_inv_freq(self) -> torch.Tensor:
-        """RoPE inverse frequencies exactly as transformers computes them (incl. llama3 scaling)."""
+    def hf_inv_freq(self):
+        """RoPE inverse frequencies exactly as transformers computes them (incl. llama3 scaling), a tensor."""
+        import torch
         from transformers import LlamaConfig
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 

@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import sys
 
-USAGE = "usage: mathtir train RECIPE [key=value ...]"
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"{USAGE}\n\n{__doc__}")
+        print(__doc__)
         return 0 if argv else 2
     import torch.distributed as dist
 
