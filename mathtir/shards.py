@@ -49,9 +49,9 @@ def write_shards(out_dir: Path, rows: Iterable[tuple[np.ndarray, np.ndarray, np.
     for index, chunk in enumerate(_chunks(rows, rows_per_shard)):
         name = f"shard_{index:05d}.parquet"
         table = pa.Table.from_arrays([
-            _list_array([r[0] for r in chunk], pa.int32()),
-            _list_array([r[1] for r in chunk], pa.int8()),
-            _list_array([r[2] for r in chunk], pa.int32()),
+            list_array([r[0] for r in chunk], pa.int32()),
+            list_array([r[1] for r in chunk], pa.int8()),
+            list_array([r[2] for r in chunk], pa.int32()),
         ], schema=SHARD_SCHEMA)
         with atomic_target(out_dir / name) as tmp:
             pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd",
@@ -75,7 +75,8 @@ def _chunks(rows: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
-def _list_array(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
+def list_array(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
+    """An Arrow list column from numpy arrays, built from one concatenation (no per-element Python objects)."""
     lengths = np.fromiter((len(a) for a in arrays), dtype=np.int32, count=len(arrays))
     offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])

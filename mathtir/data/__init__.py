@@ -1,9 +1,7 @@
-"""SFT data pipeline: raw CoT/TIR sets -> verified, deduplicated, decontaminated, tokenized, packed shards.
+"""SFT data: raw CoT/TIR sets -> verified, deduplicated, decontaminated, tokenized, packed shards.
 
-Modules: config (the data recipe schema, nemo_configs/data_*.yaml), readers (JSONL/Parquet/HF-on-disk
-records), clean (dedup keys, decontamination index), verify (re-execution through the sandbox), pack (bin
-packing + Parquet shards), prepare (per-record filters, tokenization, the part/merge orchestration, manifest
-and report), loader (what the trainer reads), demo (synthetic Japanese arithmetic data).
-Entry point: ``python -m mathtir.data {prepare,merge,demo} ...`` (see __main__.py); on Slurm,
-``slurm/prepare_data.sh``.
+The recipe (recipe), records and their drop reasons (records), per-record work (process), phase 1 per part
+(part), phase 2 (merge), report.md (report), dedup and decontamination indexes (clean), re-execution through
+the sandbox (verify), bin packing (pack), synthetic demo data (demo). `mathtir data` (cli) is the entry point;
+on Slurm, `slurm/prepare_data.sh`. The shards' format is mathtir.shards, which the trainer reads.
 """

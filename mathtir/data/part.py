@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 from omegaconf import DictConfig, OmegaConf
 
@@ -31,6 +30,7 @@ from mathtir.data.recipe import fingerprint
 from mathtir.data.records import Drop, Record, iter_records
 from mathtir.files import atomic_target, atomic_write_json
 from mathtir.readers import DataError, InvalidRecord, detect_format, iter_rows
+from mathtir.shards import list_array
 from mathtir.tokenizers import load_tokenizer
 
 PART_FORMAT = 2  # bump when a part's files change meaning: parts written by other code are redone
@@ -111,20 +111,14 @@ def _batches(records: Iterable[Record | InvalidRecord], size: int, skip_invalid:
 
 
 def _doc_batch(docs: list[Document]) -> pa.RecordBatch:
-    def lists(arrays, value_type):
-        offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
-        np.cumsum([len(a) for a in arrays], out=offsets[1:])
-        values = np.concatenate(arrays) if arrays else np.zeros(0, value_type.to_pandas_dtype())
-        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=value_type))
-
     return pa.RecordBatch.from_arrays([
         pa.array([d.source for d in docs], pa.int32()),
         pa.array([d.index for d in docs], pa.int64()),
         pa.array([d.location for d in docs], pa.string()),
         pa.array([d.key for d in docs], pa.binary(16)),
         pa.array([None if d.signature is None else d.signature.tolist() for d in docs], pa.list_(pa.uint32())),
-        lists([d.input_ids for d in docs], pa.int32()),
-        lists([d.trained for d in docs], pa.int8()),
+        list_array([d.input_ids for d in docs], pa.int32()),
+        list_array([d.trained for d in docs], pa.int8()),
     ], schema=PART_SCHEMA)
 
 

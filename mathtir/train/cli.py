@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):

@@ -1,6 +1,6 @@
 """A real Ray head on 127.0.0.1 for tests: `ray start --head --block`, private ports and temp dir, stopped by pid.
 
-Follows /work/shared/notes/slurm-and-ray-local.md:
+What it takes on a shared CI machine (docs/cluster-testing.md):
 - every process of the run gets one explicit ``RAY_AUTH_MODE`` (an unset mode flips to token auth as soon as
   some embedded ``ray.init()`` has written ``~/.ray/auth_token``, and the CLI then gets HTTP 401);
 - the dashboard / Jobs API binds to loopback only;

@@ -12,7 +12,7 @@ inside a batch script talks to the same cluster.
 
 or use the ``slurm_cluster`` pytest fixture (module scope) defined at the bottom.
 
-Settings follow /work/shared/notes/slurm-and-ray-local.md: linuxproc proctrack, no task plugin, cons_tres with
+Settings that work in a container-like VM without systemd or cgroups (docs/cluster-testing.md): linuxproc proctrack, no task plugin, cons_tres with
 CR_CPU, short credential expiry and 1 s scheduler intervals so requeued jobs restart fast, and
 kill_invalid_depend so a job whose afterok dependency failed is cancelled instead of pending forever.
 """
