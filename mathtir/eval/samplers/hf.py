@@ -1,8 +1,9 @@
 """Hugging Face transformers sampler: batched decoding on CPU or GPU with stop strings and per-request seeds.
 
 A small decoding loop of our own instead of ``model.generate``, because the TIR loop needs, per request: its
-own token budget, its own seed (a per-row ``torch.Generator``, so a sample does not depend on what else shared
-its batch), and its own stop strings, and it needs each row handed back the moment it stops so its code can run
+own token budget, its own seed (a per-row ``torch.Generator``: a row's random draws are its own; the logits
+themselves can differ in their last bits with what shares the batch, since padding changes the kernels'
+shapes), and its own stop strings, and it needs each row handed back the moment it stops so its code can run
 while the rest of the batch keeps decoding. Finished rows are dropped from the KV cache as they go.
 """
 
