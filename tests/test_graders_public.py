@@ -67,28 +67,35 @@ def extraction_agreement(cases: list[dict]) -> tuple[float, list[dict]]:
     return 1 - len(misses) / len(cases), misses
 
 
-def agreement_table() -> list[tuple[str, int, float, float | None]]:
-    """(source, cases, mathtir agreement, math-verify agreement) per source; extraction has no math-verify
-    column (math-verify does not extract a single answer string)."""
+def agreement_table() -> list[tuple[str, int, int, float, float | None]]:
+    """(source, cases, overridden verdicts, mathtir agreement, math-verify agreement) per source, both against
+    the verdicts after overrides; extraction has no math-verify column (math-verify does not extract a single
+    answer string)."""
     logging.disable(logging.WARNING)  # math-verify logs every string it cannot parse
     try:
         rows = []
         for source in EQUIVALENCE_SOURCES:
             cases = load_cases(source)
-            rows.append((source, len(cases), agreement(cases, is_equivalent)[0],
+            overrides = sum("override" in case for case in cases)
+            rows.append((source, len(cases), overrides, agreement(cases, is_equivalent)[0],
                          agreement(cases, math_verify_verdict)[0]))
         for source in EXTRACTION_SOURCES:
             cases = load_cases(source)
-            rows.append((source, len(cases), extraction_agreement(cases)[0], None))
+            overrides = sum("override" in case for case in cases)
+            rows.append((source, len(cases), overrides, extraction_agreement(cases)[0], None))
         return rows
     finally:
         logging.disable(logging.NOTSET)
 
 
-def markdown_table(rows: list[tuple[str, int, float, float | None]]) -> str:
-    lines = ["| source | cases | mathtir agreement | math-verify agreement |", "| --- | ---: | ---: | ---: |"]
-    for source, count, ours, theirs in rows:
-        lines.append(f"| {source} | {count} | {ours:.1%} | {'n/a' if theirs is None else f'{theirs:.1%}'} |")
+def markdown_table(rows: list[tuple[str, int, int, float, float | None]]) -> str:
+    lines = [
+        "| source | cases | overridden verdicts | mathtir agreement | math-verify agreement |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for source, count, overrides, ours, theirs in rows:
+        theirs_text = "n/a" if theirs is None else f"{theirs:.1%}"
+        lines.append(f"| {source} | {count} | {overrides} | {ours:.1%} | {theirs_text} |")
     return "\n".join(lines)
 
 
@@ -124,4 +131,4 @@ def test_math_verify_agreement_is_computed_on_the_same_cases():
     table = agreement_table()
     print("\n" + markdown_table(table))
     assert [row[0] for row in table] == EQUIVALENCE_SOURCES + EXTRACTION_SOURCES
-    assert all(0.0 <= row[3] <= 1.0 for row in table if row[3] is not None)
+    assert all(0.0 <= row[4] <= 1.0 for row in table if row[4] is not None)
