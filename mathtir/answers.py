@@ -68,6 +68,7 @@ DEFAULT_TIMEOUT_S = 5.0  # CPU seconds for the symbolic step, math-verify's own 
 BOOTSTRAP_RESAMPLES = 2000
 NUMERIC_REL_TOL = Fraction(1, 10**9)
 _MAX_SYMBOLIC_CHARS = 400  # longer "answers" are prose or garbage: exact comparison only
+_MAX_LIST_ITEMS = 20
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -247,14 +248,16 @@ _TWICE_ESCAPED = re.compile(
 )
 _ESCAPED_DOLLAR = re.compile(r"\\\$")  # a currency sign (`\$10`), not a math delimiter
 _DELIMITERS = re.compile(r"\$|\\\(|\\\)|\\\[|\\\]")
-_TEXT_COMMAND_NAMES = r"\\(?:text|textrm|textup|textnormal|textbf|textit|mathrm|mathbf|mathit|mbox|operatorname)"
-_TEXT_COMMANDS = re.compile(_TEXT_COMMAND_NAMES + r"\s*\{([^{}]*)\}")
-# A `\text{...}` at the end of an answer is its unit (`\text{ cm}`) or a comment on it (`\text{ any text}`).
+_TEXT_COMMAND_NAMES = "text|textrm|textup|textnormal|textbf|textit|mathrm|mathbf|mathit|mbox|operatorname"
+_TEXT_COMMANDS = re.compile(r"\\(?:" + _TEXT_COMMAND_NAMES + r")\s*\{([^{}]*)\}")
+# A `\text{...}` at the end of an answer is its unit (`\text{ cm}`) or a comment on it (`\text{ any text}`); a
+# `\mathrm{...}` there is a unit (`\mathrm{km}`) or a symbol (`2\mathrm{e}`), never a comment.
 _TRAILING_TEXT = re.compile(
-    r"(?P<value>.*?)\s*" + _TEXT_COMMAND_NAMES + r"\s*\{(?P<words>[^{}]*)\}\s*(?P<power>\^\s*\{?[23]\}?)?\s*\.?\s*$",
+    r"(?P<value>.*?)\s*\\(?P<command>" + _TEXT_COMMAND_NAMES + r")\s*\{(?P<words>[^{}]*)\}\s*"
+    r"(?P<power>\^\s*\{?[23]\}?)?\s*\.?\s*$",
     re.DOTALL,
 )
-_LATIN_WORDS = re.compile(r"[A-Za-z][A-Za-z .'-]*")
+_COMMENT = re.compile(r"[A-Za-z][A-Za-z .'-]*[A-Za-z.]")  # two letters or more: `\text{e}` would be a symbol
 # Spacing commands become a space, except that `\\` (a matrix row break) stays whole and `\!` (negative space, as
 # in the thousands separator `10,\!000`) joins its neighbours.
 _SPACING = re.compile(r"(\\\\)|\s*\\!\s*|\\[,;: ]|\\q?quad(?![A-Za-z])|~")
@@ -360,7 +363,7 @@ _LATIN_UNIT_SUFFIX = re.compile(
 # (\sin 30^\circ) they are not, and stay for math-verify.
 _DEGREE_UNIT = re.compile(r"(?:\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree)(?![A-Za-z])\s*(?=,|$)")
 _TRIGONOMETRY = re.compile(r"\\(?:sin|cos|tan|sec|csc|cot)(?![A-Za-z])")
-_THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$|^[-+]?\d{1,3}(?: \d{3})+(?:\.\d+)?$")
+_THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:(?:,\d{3})+|(?: \d{3})+)(?:\.\d+)?$")  # 1,000 and 1 000
 _LEADING_VARIABLE = re.compile(
     r"^\s*(?:\\[A-Za-z]+|[A-Za-z]{1,3}|\(\s*[A-Za-z](?:\s*,\s*[A-Za-z])+\s*\))(?:_\{?[A-Za-z0-9]+\}?)?(?:\([A-Za-z]\))?"
     r"\s*=(?![=<>])\s*"
@@ -463,7 +466,8 @@ def _normalize(answer: str) -> str:
     if trailing and trailing.group("value").strip():
         words = trailing.group("words").strip()
         unit = _unit(words, trailing.group("power"))
-        if unit is not None or _LATIN_WORDS.fullmatch(words):
+        comment = trailing.group("command").startswith(("text", "mbox")) and _COMMENT.fullmatch(words)
+        if unit is not None or comment:
             text = trailing.group("value")
     for _ in range(3):  # nested \text{\mathrm{cm}}
         text = _TEXT_COMMANDS.sub(r"\1", text)
@@ -916,7 +920,10 @@ def _equivalent_values(pred: str, gold: str, timeout: float) -> bool:
         )
     pred_items, gold_items = _split_top_level(pred), _split_top_level(gold)
     if pred_items is not None and gold_items is not None:
-        # Two lists of answers (solutions, solution tuples): equal as sets, each item by these rules.
+        # Two lists of answers (solutions, solution tuples): equal as sets, each item by these rules. Long lists
+        # are compared by their normalized items only, since item-by-item checks grow with the square.
+        if max(len(pred_items), len(gold_items)) > _MAX_LIST_ITEMS:
+            return {normalize_answer(i) for i in pred_items} == {normalize_answer(i) for i in gold_items}
         return _covers(pred_items, gold_items, timeout) and _covers(gold_items, pred_items, timeout)
     for text in (pred, gold):
         if len(text) > _MAX_SYMBOLIC_CHARS or _NON_ASCII.search(text) or _too_costly(text):

@@ -173,9 +173,11 @@ EQUIVALENT = [
     # several final boxes: one set or tuple answer
     ("\\boxed{1} and \\boxed{2}", "\\boxed{1,2}"), ("\\boxed{1},\\boxed{2},\\boxed{3}", "\\{1, 2, 3\\}"),
     # the same line written as another equation; an equation whose left side is a name
-    ("y=-\\frac{1}{2}x+\\frac{3}{4}", "2x+4y-3=0"), ("|AB|=1", "1"), ("\\frac{NO}{BO}=\\frac{1}{\\sqrt{6}}", "\\frac{\\sqrt6}{6}"),
+    ("y=-\\frac{1}{2}x+\\frac{3}{4}", "2x+4y-3=0"), ("|AB|=1", "1"),
+    ("\\frac{NO}{BO}=\\frac{1}{\\sqrt{6}}", "\\frac{\\sqrt6}{6}"),
     # solutions separated by `;` or a connective
-    ("p=5,q=2;p=7,q=2", "(5,2),(7,2)"), ("\\boxed{p = 5, q = 2 \\quad \\text{and} \\quad p = 7, q = 2}", "p=5,q=2;p=7,q=2"),
+    ("p=5,q=2;p=7,q=2", "(5,2),(7,2)"),
+    ("\\boxed{p = 5, q = 2 \\quad \\text{and} \\quad p = 7, q = 2}", "p=5,q=2;p=7,q=2"),
     ("-12;-11;-10", "\\{-10, -11, -12\\}"), ("6 \\text{ and } 8", "6, 8"),
     ("(0;0;6),(0;-2;6)", "(0,-2,6),(0,0,6)"), ("(2,1),(1,2)", "(1,2),(2,1)"),
     # units converted exactly when both sides have one; a unit on one side only is dropped
@@ -207,7 +209,7 @@ NOT_EQUIVALENT = [
     # intervals, equations, lists that differ
     ("(0,1]", "0<x<1"), ("(0,2)", "0<f(x)<1"), ("(x+y)^2=81", "81"), ("a+3z=0", "0"),
     ("y=-\\frac{1}{2}x+1", "2x+4y-3=0"), ("p=5,q=2;p=7,q=2", "(5,2),(7,3)"), ("\\boxed{1} no \\boxed{2}", "1, 2"),
-    ("\\$10", "\\$100"), ("10,\\!000", "1000"), ("32, 349", "32349"),
+    ("\\$10", "\\$100"), ("10,\\!000", "1000"), ("32, 349", "32349"), ("2\\mathrm{e}", "2"), ("3\\text{e}", "3"),
 ]
 
 
@@ -222,7 +224,9 @@ def test_different_answers(pred, gold):
 
 
 _UNIT_SPELLINGS = ["mm", "cm", "m", "km", "g", "kg", "mL", "L", "秒", "分", "時間", "日", "円", "個", "人", "%", "km/h"]
-_MAGNITUDES_APART = {"12": ["120", "1.2", "12000"], "0.5": ["5", "0.05", "500"], "\\frac{3}{4}": ["\\frac{3}{40}", "7.5"]}
+_MAGNITUDES_APART = {
+    "12": ["120", "1.2", "12000"], "0.5": ["5", "0.05", "500"], "\\frac{3}{4}": ["\\frac{3}{40}", "7.5"],
+}
 
 
 @pytest.mark.parametrize("value", sorted(_MAGNITUDES_APART))
