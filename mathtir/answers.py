@@ -19,7 +19,7 @@
    - `(a, b)` is an ordered pair (coordinates, as Japanese textbooks write them), compared element by element
      in order; math-verify reads it as an open interval, and `(2, 1)` as an empty one equal to `(3, 0)`;
    - lists of answers are sets, compared item by item with these rules; an interval equals the inequality
-     that describes it (`(0, 1)` and `0 < f(x) < 1`); an equation equals another equation of the same relation
+     that describes it (`(0, 1)` and `0 < f(x) < 1`, `(2, \\infty)` and `x > 2`); an equation equals another equation of the same relation
      (`2x+4y-3=0`, `y=-\\frac{1}{2}x+\\frac{3}{4}`) but never a bare value unless its left side is a variable
      (`(x+y)^2=81` is not 81);
    - form matters for polynomials: a factored answer (`(x+1)(x+2)`, a product of two or more non-constant
@@ -955,6 +955,7 @@ _INTERVAL = re.compile(r"^(?P<open>[(\[])(?P<inner>.*)(?P<close>[)\]])$")
 _CHAINED_INEQUALITY = re.compile(
     r"^(?P<low>[^<>]+?)(?P<left><|\\le )(?P<middle>[^<>]+?)(?P<right><|\\le )(?P<high>[^<>]+)$"
 )
+_ONE_SIDED_INEQUALITY = re.compile(r"^(?P<left>[^<>=]+?)(?P<relation><|>|\\le |\\ge )(?P<right>[^<>=]+)$")
 
 
 def _interval(text: str) -> tuple[bool, str, str, bool] | None:
@@ -975,12 +976,22 @@ def _interval(text: str) -> tuple[bool, str, str, bool] | None:
 
 
 def _inequality_interval(text: str) -> tuple[bool, str, str, bool] | None:
-    """`a < x \\le b` as the interval (a, b]: the same description as `_interval`."""
+    """`a < x \\le b` as the interval (a, b], `x \\ge a` as [a, \\infty): the same description as `_interval`."""
     match = _CHAINED_INEQUALITY.match(text)
-    if match is None or not _has_variable(match.group("middle")):
+    if match is not None and _has_variable(match.group("middle")):
+        low, high = match.group("low").strip(), match.group("high").strip()
+        return match.group("left") != "<", low, high, match.group("right") != "<"
+    match = _ONE_SIDED_INEQUALITY.match(text)
+    if match is None:
         return None
-    return match.group("left") != "<", match.group("low").strip(), match.group("high").strip(), \
-        match.group("right") != "<"
+    left, relation, right = match.group("left").strip(), match.group("relation"), match.group("right").strip()
+    if _has_variable(right) and not _has_variable(left):  # 2 < x: x > 2
+        left, right, relation = right, left, {"<": ">", ">": "<", "\\le ": "\\ge ", "\\ge ": "\\le "}[relation]
+    if not _has_variable(left) or _has_variable(right):
+        return None
+    if relation in (">", "\\ge "):
+        return relation == "\\ge ", right, "\\infty", False
+    return False, "-\\infty", right, relation == "\\le "
 
 
 

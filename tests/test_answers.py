@@ -170,6 +170,7 @@ EQUIVALENT = [
     ("17\\text{ any text}", "17"), ("\\frac{1}{3} \\textbf{meters}", "1/3"),
     # an interval and the inequality that describes it
     ("(0,1)", "0<f(x)<1"), ("(-793, 10)", "-793 < a < 10"), ("[0, 1)", "0 \\le x < 1"),
+    ("(2, \\infty)", "x > 2"), ("(-\\infty, 2]", "x \\le 2"), ("[2, +\\infty)", "2 \\le k"),
     # several final boxes: one set or tuple answer
     ("\\boxed{1} and \\boxed{2}", "\\boxed{1,2}"), ("\\boxed{1},\\boxed{2},\\boxed{3}", "\\{1, 2, 3\\}"),
     # the same line written as another equation; an equation whose left side is a name
@@ -207,7 +208,7 @@ NOT_EQUIVALENT = [
     # magnitudes and clock times
     ("3万", "3000"), ("3万", "3"), ("2万5千", "250000"), ("午後3時", "3時"),
     # intervals, equations, lists that differ
-    ("(0,1]", "0<x<1"), ("(0,2)", "0<f(x)<1"), ("(x+y)^2=81", "81"), ("a+3z=0", "0"),
+    ("(0,1]", "0<x<1"), ("(0,2)", "0<f(x)<1"), ("(2, \\infty)", "x \\ge 2"), ("(2, \\infty)", "x < 2"), ("(x+y)^2=81", "81"), ("a+3z=0", "0"),
     ("y=-\\frac{1}{2}x+1", "2x+4y-3=0"), ("p=5,q=2;p=7,q=2", "(5,2),(7,3)"), ("\\boxed{1} no \\boxed{2}", "1, 2"),
     ("\\$10", "\\$100"), ("10,\\!000", "1000"), ("32, 349", "32349"), ("2\\mathrm{e}", "2"), ("3\\text{e}", "3"),
 ]
