@@ -1,6 +1,6 @@
 """Checks per second: mathtir.answers.is_equivalent against raw math-verify, same pairs, one run.
 
-    python bench/answers.py [--pairs 600] [--seed 0]
+    PYTHONPATH=. python bench/answers.py [--pairs 600] [--seed 0]
 
 Pairs are generated in the competition's answer styles (integers, Japanese units, full-width digits,
 fractions and decimals, LaTeX polynomials, roots, factored forms, sets, pairs), half equivalent, half not,
@@ -10,6 +10,10 @@ thread with its default signal timeouts. is_equivalent runs with its caches clea
 pair by pair. Rates are printed for all pairs, for the pairs is_equivalent settles without math-verify
 (numbers, units, pairs of numbers) and for those where both run math-verify. Target: a ratio of at least 0.8
 on all pairs. The accuracy of both against the pairs' labels is printed too.
+
+Then the same on the public graders' own test cases (tests/fixtures/graders): the agreement table of
+docs/grading.md (per source: cases, mathtir agreement, math-verify agreement) and checks per second of both on
+those cases, interleaved the same way, caches cleared. Target there: a ratio of at least 1.
 """
 
 from __future__ import annotations
@@ -155,6 +159,32 @@ def main() -> None:
         print(f"  ratio: {our_rate / raw_rate:.2f}x")
     total_ratio = summarize(ours, pairs, subsets[0][1])[0] / summarize(raw, pairs, subsets[0][1])[0]
     print(f"ratio is_equivalent / raw math-verify, all pairs: {total_ratio:.2f}x (target >= 0.8x)")
+    public_cases(answers)
+
+
+def public_cases(answers) -> None:
+    """Agreement with the public graders' verdicts, and speed on their cases."""
+    from tests.test_graders_public import (
+        EQUIVALENCE_SOURCES,
+        agreement_table,
+        load_cases,
+        markdown_table,
+        math_verify_verdict,
+    )
+
+    print("\npublic graders' test cases (tests/fixtures/graders):")
+    print(markdown_table(agreement_table()))
+    logging.disable(logging.WARNING)  # agreement_table restores logging when done
+    cases = [(c["pred"], c["gold"], None, source) for source in EQUIVALENCE_SOURCES for c in load_cases(source)]
+    answers._parsed.cache_clear()
+    answers._normalize.cache_clear()
+    ours, raw = timed_interleaved(answers.is_equivalent, math_verify_verdict, cases)
+    our_rate = len(cases) / sum(seconds for seconds, _ in ours)
+    raw_rate = len(cases) / sum(seconds for seconds, _ in raw)
+    print(f"{len(cases)} cases, one pass each, caches cleared:")
+    print(f"  math-verify ($-wrapped): {raw_rate:8.1f} checks/s")
+    print(f"  answers.is_equivalent  : {our_rate:8.1f} checks/s")
+    print(f"ratio is_equivalent / math-verify, public cases: {our_rate / raw_rate:.2f}x (target >= 1x)")
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from mathtir import formats
 from mathtir.answers import (
     _Checker,
     extract_answer,
+    extract_answer_with_source,
     is_equivalent,
     majority_vote,
     normalize_answer,
@@ -59,6 +61,60 @@ def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
 
 
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        # several final boxes joined by a list mark or a connective are one answer
+        ("\\boxed{1} and \\boxed{2}", "1, 2"),
+        ("\\boxed{1}, \\boxed{2}, \\boxed{3}", "1, 2, 3"),
+        ("$$\\boxed{(2, 2)} \\quad \\text{and} \\quad \\boxed{(6, 2)}$$", "(2, 2), (6, 2)"),
+        ("\\boxed{1} papers and \\boxed{2} bins", "1, 2"),
+        ("\\( y_1 = \\boxed{x+1} \\) and \\( y_2 = \\boxed{x-1} \\)", "x+1, x-1"),
+        ("\\boxed{1}個と\\boxed{2}個", "1, 2"),
+        # ...but not when prose or nothing stands between them: a correction, the last box counts
+        ("\\boxed{1} no no no no no \\boxed{2}", "2"),
+        ("\\boxed{1} this is wrong, \\boxed{2}", "2"),
+        ("\\boxed{1}. Then, \\boxed{2}", "2"),
+        ("\\boxed{1} and and and or thus but \\boxed{2} and \\boxed{3}", "2, 3"),
+        ("\\boxed{3} \\boxed{5}", "5"),
+        ("\\boxed{\\frac{1} 途中で切れた \\boxed{5}", "5"),  # an unclosed box does not hide later ones
+    ],
+)
+def test_final_boxes_joined_by_a_connective_are_one_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text,fallback,expected",
+    [
+        ("答えは \\boxed{12} です", True, ("12", "boxed")),
+        ("よって答えは 12 cm です。", True, ("12 cm", "fallback")),
+        ("よって答えは 12 cm です。", False, (None, "none")),
+        ("Answer: 3/4\nDone", True, ("3/4", "fallback")),
+        ("The final answer is $\\frac{1}{2}$. I hope it is correct.", True, ("\\frac{1}{2}", "fallback")),
+        ("So we get 3 apples, then 4.5 more", True, ("4.5", "fallback")),
+        ("no numbers here", True, (None, "none")),
+    ],
+)
+def test_extract_answer_with_source(text, fallback, expected):
+    assert extract_answer_with_source(text, fallback=fallback) == expected
+    assert extract_answer(text) == (expected[0] if expected[1] == "boxed" else None)  # boxed only, as before
+
+
+def test_a_box_printed_by_code_is_not_the_answer():
+    response = (
+        "```python\nprint('\\\\boxed{7}')\n```\n```output\n\\boxed{7}\n```\n"
+        "The code printed a box; the answer is \\boxed{8}. Or is it?"
+    )
+    outputs = [(s.start, s.end) for s in formats.parse_response(response, "tir") if s.kind == "output"]
+    assert outputs
+    assert extract_answer(response, ignore_spans=outputs) == "8"
+    without_answer = response.replace("\\boxed{8}", "8")
+    assert extract_answer(without_answer) == "7"  # what the output block would otherwise give
+    assert extract_answer(without_answer, ignore_spans=outputs) is None
+    assert extract_answer_with_source(without_answer, fallback=True, ignore_spans=outputs) == ("8", "fallback")
+
+
 def test_extract_answer_is_linear_on_pathological_input():
     start = time.perf_counter()
     assert extract_answer("\\boxed{" * 200_000) is None
@@ -102,6 +158,32 @@ EQUIVALENT = [
     ("30°, 60°", "30, 60"),
     # a response with several boxes is judged by its last one
     ("\\boxed{3} \\boxed{5}", "5"),
+    # MATH-style spellings: an escaped dollar, the `,\!` thousands separator, a matrix row break before a space,
+    # strings escaped twice, a trailing comment in \text{}
+    ("\\$10", "10"), ("10,\\!000", "10000"), ("\\$1,\\!000.50", "1000.5"), ("1 000", "1000"),
+    ("\\begin{pmatrix} 3 \\\\ -1 \\end{pmatrix}", "\\begin{pmatrix}3\\\\-1\\end{pmatrix}"),
+    ("\\\\frac{1}{2}", "0.5"), ("\\\\left(\\\\frac{1}{5},\\\\frac{1}{6}\\\\right)", "(0.2, \\frac16)"),
+    ("17\\text{ any text}", "17"), ("\\frac{1}{3} \\textbf{meters}", "1/3"),
+    # an interval and the inequality that describes it
+    ("(0,1)", "0<f(x)<1"), ("(-793, 10)", "-793 < a < 10"), ("[0, 1)", "0 \\le x < 1"),
+    ("(2, \\infty)", "x > 2"), ("(-\\infty, 2]", "x \\le 2"), ("[2, +\\infty)", "2 \\le k"),
+    # several final boxes: one set or tuple answer
+    ("\\boxed{1} and \\boxed{2}", "\\boxed{1,2}"), ("\\boxed{1},\\boxed{2},\\boxed{3}", "\\{1, 2, 3\\}"),
+    # the same line written as another equation; an equation whose left side is a name
+    ("y=-\\frac{1}{2}x+\\frac{3}{4}", "2x+4y-3=0"), ("|AB|=1", "1"),
+    ("\\frac{NO}{BO}=\\frac{1}{\\sqrt{6}}", "\\frac{\\sqrt6}{6}"),
+    # solutions separated by `;` or a connective
+    ("p=5,q=2;p=7,q=2", "(5,2),(7,2)"),
+    ("\\boxed{p = 5, q = 2 \\quad \\text{and} \\quad p = 7, q = 2}", "p=5,q=2;p=7,q=2"),
+    ("-12;-11;-10", "\\{-10, -11, -12\\}"), ("6 \\text{ and } 8", "6, 8"),
+    ("(0;0;6),(0;-2;6)", "(0,-2,6),(0,0,6)"), ("(2,1),(1,2)", "(1,2),(2,1)"),
+    # units converted exactly when both sides have one; a unit on one side only is dropped
+    ("120mm", "12cm"), ("1.2m", "120cm"), ("5km", "5000m"), ("2kg", "2000g"), ("1L", "1000mL"),
+    ("2時間", "120分"), ("1cm^2", "100mm^2"), ("60°", "60度"), ("3割", "30%"),
+    ("時速60km", "60"), ("秒速5m", "5"), ("毎分80m", "80"), ("時速60km", "分速1km"), ("時速60km", "60 km/h"),
+    # Japanese numerals mixed with digits, ratios, clock times
+    ("3万", "30000"), ("3万円", "30000"), ("3万円", "30000円"), ("2万5千", "25000"), ("1億2000万", "120000000"),
+    ("1.5万", "15000"), ("3対2", "3:2"), ("午後3時", "15時"), ("午前10時", "10時"), ("午後3時", "15"),
 ]
 
 NOT_EQUIVALENT = [
@@ -116,6 +198,15 @@ NOT_EQUIVALENT = [
     ("3時間20分", "3"),  # leftover Japanese text is compared exactly, never picked apart
     ("2x+1", "2y+1"), ("\\frac{9x+3}{2}", "\\frac{9x+3}{4}"), ("x > 3", "x \\ge 3"),
     ("", "5"), ("5", ""),
+    # units on both sides must agree: a wrong unit is a wrong answer
+    ("12cm", "12m"), ("5 km", "5 m"), ("12cm", "12mm"), ("12個", "12本"), ("時速60km", "秒速60m"), ("3000円", "3000ドル"),
+    ("12\\text{ cm}", "12\\text{ m}"), ("2時間", "2分"),
+    # magnitudes and clock times
+    ("3万", "3000"), ("3万", "3"), ("2万5千", "250000"), ("午後3時", "3時"),
+    # intervals, equations, lists that differ
+    ("(0,1]", "0<x<1"), ("(0,2)", "0<f(x)<1"), ("(2, \\infty)", "x \\ge 2"), ("(2, \\infty)", "x < 2"), ("(x+y)^2=81", "81"), ("a+3z=0", "0"),
+    ("y=-\\frac{1}{2}x+1", "2x+4y-3=0"), ("p=5,q=2;p=7,q=2", "(5,2),(7,3)"), ("\\boxed{1} no \\boxed{2}", "1, 2"),
+    ("\\$10", "\\$100"), ("10,\\!000", "1000"), ("32, 349", "32349"), ("2\\mathrm{e}", "2"), ("3\\text{e}", "3"),
 ]
 
 
@@ -127,6 +218,28 @@ def test_equivalent_answers(pred, gold):
 @pytest.mark.parametrize("pred,gold", NOT_EQUIVALENT)
 def test_different_answers(pred, gold):
     assert not is_equivalent(pred, gold)
+
+
+_UNIT_SPELLINGS = ["mm", "cm", "m", "km", "g", "kg", "mL", "L", "秒", "分", "時間", "日", "円", "個", "人", "%", "km/h"]
+_MAGNITUDES_APART = {
+    "12": ["120", "1.2", "12000"], "0.5": ["5", "0.05", "500"], "\\frac{3}{4}": ["\\frac{3}{40}", "7.5"],
+}
+
+
+@pytest.mark.parametrize("value", sorted(_MAGNITUDES_APART))
+def test_no_pair_that_differs_only_by_unit_or_magnitude_is_equal(value):
+    """The same number with two different units, and the same unit with numbers a power of ten apart, are
+    never equal, however the unit is written."""
+    for first, second in itertools.combinations(_UNIT_SPELLINGS, 2):
+        assert not is_equivalent(f"{value}{first}", f"{value}{second}"), (first, second)
+        assert not is_equivalent(f"{value} \\text{{ {first}}}", f"{value}\\mathrm{{{second}}}"), (first, second)
+    for unit in ["", *_UNIT_SPELLINGS]:
+        for other in _MAGNITUDES_APART[value]:
+            assert not is_equivalent(f"{value}{unit}", f"{other}{unit}"), (value, other, unit)
+    if value.isdigit():
+        for numeral, other in [("万", "千"), ("万", ""), ("億", "万"), ("千", "百")]:
+            assert not is_equivalent(f"{value}{numeral}", f"{value}{other}"), (numeral, other)
+            assert not is_equivalent(f"{value}{numeral}円", f"{value}{other}円"), (numeral, other)
 
 
 def test_equivalence_is_the_same_from_many_threads():
