@@ -330,7 +330,7 @@ class DecontaminationIndex:
     def check(self, text: str) -> ContaminationHit | None:
         """The strongest evidence that ``text`` carries an evaluation problem, or None: an n-gram hit if any
         (the most overlapping problem), else a fingerprint hit (the best score), else a near duplicate (the
-        most similar)."""
+        most similar); ties go to the problem added first."""
         if not self.problems:
             return None
         form = numeric_form(text)
@@ -351,7 +351,8 @@ class DecontaminationIndex:
         sequence, operators = _numbers_and_operators(form)
         numbers = Counter(sequence)
         key = _significant(numbers)
-        near_candidates = []  # problems whose numbers the text holds, without a fingerprint hit
+        fingerprint_hits = []  # (share, number)
+        near_candidates = []  # problems whose numbers the text holds in order, without a fingerprint hit
         for anchor in numbers:
             for number in self.by_anchor.get(anchor, ()):
                 problem = self.problems[number]
@@ -359,12 +360,14 @@ class DecontaminationIndex:
                 if (problem.distinctive and share >= self.fingerprint_min_share
                         and problem.key.keys() <= key.keys() and _holds(key, problem.key)
                         and _holds(operators, problem.operators)):
-                    if best is None or share > best.score:
-                        best = self._hit(number, counts.get(number, 0) / problem.ngrams, "fingerprint", share)
+                    fingerprint_hits.append((share, number))
                 elif problem.numbers.keys() <= numbers.keys() and _in_order(problem.sequence, sequence):
                     near_candidates.append(number)
-        if best is not None or self.minhasher is None or not (near_candidates or self.numberless_problems):
-            return best
+        if fingerprint_hits:
+            share, number = max(fingerprint_hits, key=lambda hit: (hit[0], -hit[1]))
+            return self._hit(number, counts.get(number, 0) / self.problems[number].ngrams, "fingerprint", share)
+        if self.minhasher is None or not (near_candidates or self.numberless_problems):
+            return None
 
         signature = self.minhasher.signature(" ".join(w))
         if self.numberless_problems:
