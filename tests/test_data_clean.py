@@ -38,7 +38,8 @@ def _hit(index: DecontaminationIndex, text: str) -> tuple[str, str] | None:
 
 def test_numbers_are_written_one_way_and_fingerprinted_with_their_operators():
     assert numeric_form("１，２５０円と1,000個と12,500円、1，000人") == "1250円と1000個と12500円、1000人"
-    assert numeric_form("三百二十五円、二〇二四年、1万2千人、三十六km、第三問、一つ") == "325円、2024年、12000人、36km、第3問、1つ"
+    assert numeric_form("三百二十五円、二〇二四年、1万2千人、1.5万円、三十六km、第三問、一つ") == (
+        "325円、2024年、12000人、15000円、36km、第3問、1つ")
     # a lone kanji numeral that is part of a word, and malformed numerals, stay as they are
     assert numeric_form("一般に同一の三角形は十分、万一、1,2,3") == "一般に同一の三角形は十分、万一、1,2,3"
     numbers, operators = fingerprint("x² − 37x + 312 ＝ 0、3.50、007")

@@ -16,6 +16,7 @@ import unicodedata
 import zlib
 from collections import Counter
 from dataclasses import dataclass
+from decimal import Decimal
 
 import numpy as np
 
@@ -37,7 +38,7 @@ _KANJI_DIGITS = dict(zip("〇零一二三四五六七八九", [0, 0, 1, 2, 3, 4,
 _KANJI_SMALL_UNITS = {"十": 10, "百": 100, "千": 1000}
 _KANJI_LARGE_UNITS = {"万": 10**4, "億": 10**8, "兆": 10**12}
 _KANJI_NUMERAL_CHAR = re.compile(r"[〇零一二三四五六七八九十百千万億兆]")
-_KANJI_NUMERAL = re.compile(r"[0-9]*[〇零一二三四五六七八九十百千万億兆][0-9〇零一二三四五六七八九十百千万億兆]*")
+_KANJI_NUMERAL = re.compile(r"(?:[0-9]+(?:\.[0-9]+)?)?[〇零一二三四五六七八九十百千万億兆][0-9〇零一二三四五六七八九十百千万億兆]*")
 # A lone kanji numeral is a number only before a counter (一つ, 三人, 千円, 六か月) or after 第: elsewhere it is part of
 # a word (一般, 同一, 三角形, 十分, 千代).
 _COUNTERS = set("個本枚人円回つ匹冊台歳才日週年月時秒点問組件杯番倍割桁かヶカヵ")
@@ -51,14 +52,14 @@ _OPERATOR = re.compile(r"\*\*|[-+*/^=<>≤≥≠]")
 _ALWAYS_OPERATORS = set("+=<>≤≥≠")
 
 
-def _kanji_value(numeral: str) -> int | None:
-    """Value of a kanji (or digits + kanji unit) numeral: 三百二十五, 二〇二四, 1万2千, 3億; None if malformed."""
-    total, section, pending, last_small, last_large = 0, 0, None, 10**5, 10**13
-    for run in re.findall(r"[0-9]+|[〇零一二三四五六七八九]+|.", numeral):
+def _kanji_value(numeral: str) -> str | None:
+    """Digits of a kanji (or digits + kanji unit) numeral: 三百二十五, 二〇二四, 1万2千, 1.5万; None if malformed."""
+    total, section, pending, last_small, last_large = Decimal(0), Decimal(0), None, 10**5, 10**13
+    for run in re.findall(r"[0-9]+(?:\.[0-9]+)?|[〇零一二三四五六七八九]+|.", numeral):
         if run[0].isascii() or run[0] in _KANJI_DIGITS:
             if pending is not None:
                 return None
-            pending = int(run) if run[0].isascii() else int("".join(str(_KANJI_DIGITS[c]) for c in run))
+            pending = Decimal(run if run[0].isascii() else "".join(str(_KANJI_DIGITS[c]) for c in run))
         elif run in _KANJI_SMALL_UNITS:
             unit = _KANJI_SMALL_UNITS[run]
             if unit >= last_small:
@@ -68,8 +69,11 @@ def _kanji_value(numeral: str) -> int | None:
             unit, value = _KANJI_LARGE_UNITS[run], section + (pending or 0)
             if unit >= last_large or value == 0:
                 return None
-            total, section, pending, last_small, last_large = total + value * unit, 0, None, 10**5, unit
-    return total + section + (pending or 0)
+            total, section, pending, last_small, last_large = total + value * unit, Decimal(0), None, 10**5, unit
+    value = total + section + (pending or 0)
+    if value != value.to_integral_value():
+        return None  # 1.5 alone, or 1.2345千: not a number this reading makes sure of
+    return str(int(value))
 
 
 def _kanji_to_digits(text: str) -> str:
@@ -82,7 +86,7 @@ def _kanji_to_digits(text: str) -> str:
                                       or (start > 0 and text[start - 1] == "第")):
             return numeral
         value = _kanji_value(numeral)
-        return numeral if value is None else str(value)
+        return numeral if value is None else value
 
     return _KANJI_NUMERAL.sub(replace, text)
 
