@@ -100,10 +100,12 @@ def _two_step(rng: random.Random) -> Problem:
 TEMPLATES: list[Callable[[random.Random], Problem]] = [_addition, _subtraction, _multiplication, _division, _two_step]
 
 
-def generate_problems(n: int, rng: random.Random, exclude: set[str]) -> list[Problem]:
-    """n distinct problems (by normalized text), none of them in ``exclude``; the template cycles."""
+def generate_problems(n: int, rng: random.Random, exclude: set[tuple[str, str]]) -> list[Problem]:
+    """n distinct problems (by normalized text), none with the template and numbers of one in ``exclude``
+    (`content_key`): a held-out problem with only its names or items swapped is still the same problem, and
+    decontamination rightly catches it. The template cycles."""
     problems: list[Problem] = []
-    seen = set(exclude)
+    seen: set[str] = set()
     attempts = 0
     while len(problems) < n:
         attempts += 1
@@ -111,10 +113,15 @@ def generate_problems(n: int, rng: random.Random, exclude: set[str]) -> list[Pro
             raise ValueError(f"cannot generate {n} distinct demo problems (the templates' space is too small)")
         problem = TEMPLATES[len(problems) % len(TEMPLATES)](rng)
         key = normalize(problem.problem)
-        if key not in seen:
+        if key not in seen and content_key(problem) not in exclude:
             seen.add(key)
             problems.append(problem)
     return problems
+
+
+def content_key(p: Problem) -> tuple[str, str]:
+    """What a problem asks, without its names and items: its template and the computation with its numbers."""
+    return p.category, p.code
 
 
 def cot_solution(p: Problem) -> str:
@@ -140,7 +147,7 @@ def write_demo_data(out: str | Path, *, seed: int = 0, n_train: int = 1000, n_ev
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     eval_problems = generate_problems(n_eval, rng, exclude=set())
-    train_problems = generate_problems(n_train, rng, exclude={normalize(p.problem) for p in eval_problems})
+    train_problems = generate_problems(n_train, rng, exclude={content_key(p) for p in eval_problems})
     tir, openmath = get_dialect("tir"), get_dialect("openmath")
     with SandboxPool(sandbox_workers) as pool, ThreadPoolExecutor(sandbox_workers) as executor:
         results = list(executor.map(lambda p: pool.run(p.code, timeout=10.0), train_problems))

@@ -129,6 +129,7 @@ def merge(cfg: DictConfig, num_parts: int = 1) -> dict:
                            f"{drops_total} listed in dropped.jsonl")
 
     packed_tokens = sum(s.tokens for s in shards)
+    hits = [{"location": d["location"], **d["info"]} for d in dropped if d["reason"] == "contaminated"]
     manifest = {
         "format_version": FORMAT_VERSION,
         "name": cfg.name,
@@ -144,9 +145,9 @@ def merge(cfg: DictConfig, num_parts: int = 1) -> dict:
                    "packed_documents": counts["packed_documents"]},
         "verification": verification_summary(counts) if cfg.verify.enabled else None,
         "decontamination": {
-            "eval_sets": [str(p) for p in cfg.decontam.eval_sets],
-            "ngram": cfg.decontam.ngram, "min_overlap": cfg.decontam.min_overlap,
-            "hits": [{"location": d["location"], "eval": d["detail"]} for d in dropped if d["reason"] == "contaminated"],
+            **OmegaConf.to_container(cfg.decontam, resolve=True),
+            "hits": hits,
+            "by_kind": dict(Counter(hit["kind"] for hit in hits)),
         },
         "tokens": {
             "documents": packed_tokens,

@@ -75,7 +75,11 @@ def load_decontamination(cfg: DictConfig) -> DecontaminationIndex | None:
     d = cfg.decontam
     if not d.eval_sets:
         return None
-    index = DecontaminationIndex(ngram=d.ngram, min_overlap=d.min_overlap)
+    index = DecontaminationIndex(
+        ngram=d.ngram, min_overlap=d.min_overlap, fingerprint=d.fingerprint,
+        fingerprint_min_tokens=d.fingerprint_min_tokens, fingerprint_min_digits=d.fingerprint_min_digits,
+        fingerprint_min_share=d.fingerprint_min_share, near_duplicate=d.near_duplicate,
+        near_threshold=d.near_threshold, num_perm=d.num_perm, bands=d.bands, shingle=d.shingle)
     for path in map(Path, d.eval_sets):
         if not path.exists():
             raise DataError(f"{path}: evaluation set not found (listed in decontam.eval_sets)")

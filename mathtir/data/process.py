@@ -5,6 +5,7 @@ slice processes; it turns a batch of records into Documents (kept) and Drops (wi
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,7 +94,8 @@ class RecordProcessor:
                 hit = self.decontam.check(record.problem)
                 if hit is not None:
                     out.append(Drop(record.source, record.index, record.location, "contaminated",
-                                    f"{hit.eval_set}:{hit.eval_id} overlap {hit.overlap:.2f}"))
+                                    f"{hit.eval_set}:{hit.eval_id} {hit.kind} score {hit.score:.2f} overlap "
+                                    f"{hit.overlap:.2f}", dataclasses.asdict(hit)))
                     continue
             rendered = render_example(record.problem, record.response, template=self.template,
                                       dialect=self.dialect, train_on_outputs=self.train_on_outputs)

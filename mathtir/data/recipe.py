@@ -70,6 +70,16 @@ class DecontamConfig:
     problem_field: str = "problem"
     ngram: int = 13  # words; a CJK character is one word
     min_overlap: float = 0.5  # share of an eval problem's n-grams found in a training problem
+    # the numbers-and-operators fingerprint (survives rewording and translation; docs/decontamination.md)
+    fingerprint: bool = True
+    fingerprint_min_tokens: int = 3  # numbers above 10 plus operators an eval problem needs to be fingerprinted
+    fingerprint_min_digits: int = 5  # significant digits those numbers must carry together
+    fingerprint_min_share: float = 0.5  # share of the training text's numbers above 10 that are the eval problem's
+    near_duplicate: bool = True  # MinHash near duplicates of eval problems (same numbers in the same order)
+    near_threshold: float = 0.5  # estimated Jaccard similarity of character shingles
+    num_perm: int = 128
+    bands: int = 32
+    shingle: int = 3
 
 
 @dataclass
@@ -123,8 +133,14 @@ def validate(cfg: DictConfig, source: str) -> None:
     check(cfg.verify.workers >= 1 and cfg.verify.timeout_s > 0, source, "verify", "workers >= 1 and timeout_s > 0")
     check(0 < cfg.dedup.near_threshold <= 1, source, "dedup.near_threshold", "must be in (0, 1]")
     check(cfg.dedup.num_perm % cfg.dedup.bands == 0, source, "dedup.bands", "must divide dedup.num_perm")
-    check(cfg.decontam.ngram >= 1 and 0 < cfg.decontam.min_overlap <= 1, source, "decontam",
-          "ngram >= 1 and min_overlap in (0, 1]")
+    d = cfg.decontam
+    check(d.ngram >= 1 and 0 < d.min_overlap <= 1, source, "decontam", "ngram >= 1 and min_overlap in (0, 1]")
+    check(d.fingerprint_min_tokens >= 1 and d.fingerprint_min_digits >= 0, source, "decontam.fingerprint_min_tokens",
+          "fingerprint_min_tokens >= 1 and fingerprint_min_digits >= 0")
+    check(0 < d.fingerprint_min_share <= 1, source, "decontam.fingerprint_min_share", "must be in (0, 1]")
+    check(0 < d.near_threshold <= 1, source, "decontam.near_threshold", "must be in (0, 1]")
+    check(d.shingle >= 1 and d.bands >= 1 and d.num_perm % d.bands == 0, source, "decontam.bands",
+          "shingle >= 1, and bands must divide num_perm")
     check(cfg.pack.rows_per_shard >= 1 and cfg.pack.row_group_size >= 1, source, "pack", "sizes must be >= 1")
 
 

@@ -29,10 +29,14 @@ class Drop:
     location: str
     reason: str
     detail: str | None = None
+    info: dict | None = None  # structured detail for the manifest (a decontamination hit's set, id, kind, score)
 
     def as_json(self) -> str:
-        return json.dumps({"source": self.source, "index": self.index, "location": self.location,
-                           "reason": self.reason, "detail": self.detail}, ensure_ascii=False)
+        entry = {"source": self.source, "index": self.index, "location": self.location, "reason": self.reason,
+                 "detail": self.detail}
+        if self.info is not None:
+            entry["info"] = self.info
+        return json.dumps(entry, ensure_ascii=False)
 
 
 @dataclass(frozen=True)

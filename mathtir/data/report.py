@@ -37,10 +37,15 @@ def render_report(manifest: dict) -> str:
                   f"dropped ({100 * v['drop_rate']:.2f}%; {reasons}).", ""]
     d = manifest["decontamination"]
     if d["eval_sets"]:
+        kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(d["by_kind"].items())) or "none"
         lines += ["## Decontamination", "",
-                  f"Against {', '.join(f'`{p}`' for p in d['eval_sets'])} ({d['ngram']}-grams, overlap >= "
-                  f"{d['min_overlap']}): {len(d['hits'])} training records dropped."]
-        lines += [f"- {hit['location']}: {hit['eval']}" for hit in d["hits"][:50]]
+                  f"Against {', '.join(f'`{p}`' for p in d['eval_sets'])} ({d['ngram']}-grams at overlap >= "
+                  f"{d['min_overlap']}, numbers-and-operators fingerprints, near duplicates; "
+                  "docs/decontamination.md): "
+                  f"{len(d['hits'])} training records dropped ({kinds}).", "",
+                  "| training record | eval problem | kind | score | n-gram overlap |", "|---|---|---|---:|---:|"]
+        lines += [f"| {hit['location']} | {hit['eval_set']}:{hit['eval_id']} | {hit['kind']} | {hit['score']:.2f} | "
+                  f"{hit['overlap']:.2f} |" for hit in d["hits"][:50]]
         if len(d["hits"]) > 50:
             lines.append(f"- ... {len(d['hits']) - 50} more in `dropped.jsonl`")
         lines.append("")
