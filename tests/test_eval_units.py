@@ -123,6 +123,16 @@ def test_records_refuse_corrupt_and_duplicate_lines(tmp_path):
         RecordStore(path)
 
 
+def test_records_written_before_answer_source_existed_still_resume(tmp_path):
+    path = tmp_path / "records.jsonl"
+    rows = [dataclasses.asdict(make_record("a", 0)), dataclasses.asdict(make_record("a", 1, answer=None, correct=False))]
+    for row in rows:
+        del row["answer_source"]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with RecordStore(path) as store:
+        assert [store.records[("a", i)].answer_source for i in (0, 1)] == ["boxed", "none"]
+
+
 def test_sample_seeds_depend_only_on_identity():
     assert sample_seed(0, "p1", 3) == sample_seed(0, "p1", 3)
     seeds = {sample_seed(s, p, i) for s in (0, 1) for p in ("p1", "p2") for i in range(4)}
@@ -155,3 +165,42 @@ def test_report_writes_metrics_tables_and_plots(tmp_path):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in report
     assert metrics["per_problem"]["p2"]["num_no_answer"] == 1
+
+
+class ScriptedSampler:
+    """A text sampler replaying fixed model turns, for exercising the loop's bookkeeping around real code
+    execution; the real backends are tested in test_eval_job.py."""
+
+    uses_token_ids = False
+
+    def __init__(self, turns: list[tuple[str, str]]):
+        self.turns = list(turns)
+
+    async def generate(self, request):
+        from mathtir.eval.samplers import Generation
+
+        text, reason = self.turns.pop(0)
+        return Generation(token_ids=[], text=text, num_tokens=len(text) // 3, finish_reason=reason)
+
+
+@pytest.mark.parametrize("fallback, answer, source", [(False, None, "none"), (True, "12", "fallback")])
+def test_an_answer_printed_by_code_is_not_the_models_answer(fallback, answer, source):
+    """Hostile or careless code prints a \\boxed{} into its output block; the model itself boxes nothing. The
+    sample has no answer (or, with the fallback, the model's own last number), never the printed box."""
+    import asyncio
+
+    from mathtir.eval.execution import PoolExecutor
+    from mathtir.eval.problems import Problem
+    from mathtir.eval.tir import TIRConfig, run_sample
+    from mathtir.formats import OutputFormat, get_dialect, get_template
+    from mathtir.sandbox import SandboxPool
+
+    sampler = ScriptedSampler([("Let me compute.\n```python\nprint('\\\\boxed{7}')\n```\n", "stop"),
+                               ("So the count is 12 apples.", "eos")])
+    with SandboxPool(workers=1) as pool:
+        record = asyncio.run(run_sample(
+            Problem("p", "How many?", "7", "c"), 0, sampler=sampler, executor=PoolExecutor(pool, timeout=10),
+            tokenizer=None, template=get_template("llmjp"), dialect=get_dialect("tir"), output_format=OutputFormat(),
+            config=TIRConfig(answer_fallback=fallback)))
+    assert "```output\n\\boxed{7}\n```" in record.text  # the code really printed the box
+    assert (record.answer, record.answer_source, record.correct) == (answer, source, False)

@@ -70,7 +70,9 @@ class RecordProcessor:
         if f.answer_matches and record.expected_answer is not None:
             from mathtir.answers import extract_answer, is_equivalent
 
-            answer = extract_answer(record.response)
+            # The model's own answer: a box that executed code printed into an output block is not it.
+            outputs = [(s.start, s.end) for s in segments if s.kind == "output"]
+            answer = extract_answer(record.response, ignore_spans=outputs)
             if answer is None:
                 return "no_answer", None, []
             if not is_equivalent(answer, record.expected_answer):

@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[2]
 # samples would be mixed with differently generated ones. (--samples may grow: new indices are just added.)
 IDENTITY_ARGS = ("model", "backend", "api_model", "prompt_template", "system", "dialect", "max_tokens",
                  "max_code_executions", "temperature", "top_p", "seed", "exec_timeout", "output_max_chars",
-                 "output_truncation", "output_errors", "remaining_notice")
+                 "output_truncation", "output_errors", "remaining_notice", "answer_fallback")
 
 
 class JobError(RuntimeError):
@@ -65,7 +65,10 @@ def build_parser(prog: str = "mathtir eval run") -> argparse.ArgumentParser:
     p.add_argument("--prompt-template", default="llmjp", choices=TEMPLATE_NAMES)
     p.add_argument("--system", default=None, help="system prompt (default: the template's)")
     p.add_argument("--dialect", default="tir", choices=DIALECT_NAMES)
-    p.add_argument("--backend", default="hf", choices=BACKENDS)
+    p.add_argument("--backend", default="hf", choices=list(BACKENDS))
+    p.add_argument("--answer-fallback", action="store_true",
+                   help="without a \\boxed{} answer, read one from the prose (答えは…, Answer: …, the last number); "
+                        "recorded per sample as answer_source and reported as its own rate")
     fields = p.add_argument_group("data fields")
     fields.add_argument("--id-field", default="id")
     fields.add_argument("--problem-field", default="problem")
@@ -146,8 +149,10 @@ def prepare_manifest(output: Path, args: argparse.Namespace, data_sha256: str) -
     identity["data_sha256"] = data_sha256
     if path.exists():
         manifest = json.loads(path.read_text())
-        differing = {k: (manifest["identity"].get(k), v) for k, v in identity.items()
-                     if manifest["identity"].get(k) != v}
+        # An argument added after the run started is recorded as absent: it then counts as its default.
+        defaults = vars(build_parser().parse_args(["--data", "-", "--output", "-"]))
+        recorded = {k: manifest["identity"].get(k, defaults.get(k)) for k in identity}
+        differing = {k: (recorded[k], v) for k, v in identity.items() if recorded[k] != v}
         if differing:
             lines = "\n".join(f"  {k}: recorded {old!r}, now {new!r}" for k, (old, new) in differing.items())
             raise JobError(f"{output}: holds samples of a different run; use a new --output or the same "
@@ -266,7 +271,8 @@ def run(args: argparse.Namespace) -> int:
     output_format = OutputFormat(max_chars=args.output_max_chars, truncation=args.output_truncation,
                                  errors=args.output_errors, remaining_notice=args.remaining_notice)
     config = TIRConfig(max_tokens=args.max_tokens, max_code_executions=args.max_code_executions,
-                       temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+                       temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                       answer_fallback=args.answer_fallback)
     started = time.perf_counter()
     with RecordStore(output / RECORDS_FILE) as store:
         known = {p.id for p in problems}

@@ -27,8 +27,8 @@ class SampleRecord:
     sample_index: int
     seed: int
     text: str                 # the full response: generated text with the inserted output blocks
-    answer: str | None        # extracted from the last \boxed{}
-    correct: bool
+    answer: str | None        # extracted from the model's final \boxed{} (or the fallback, when enabled)
+    correct: bool             # the verdict against the gold answer, decided once when the sample finished
     code_rounds: int          # code blocks executed
     timeouts: int             # of which timed out
     exec_errors: int          # of which raised, were killed or hit a limit
@@ -39,6 +39,7 @@ class SampleRecord:
     execution_s: float        # time spent waiting for the sandbox
     finish_reason: str        # "eos" | "stop" | "length" (token budget) | "error"
     attempt: int              # which run of this output directory produced the sample (1 = first)
+    answer_source: str = "boxed"  # "boxed" | "fallback" | "none" (records written before it existed: boxed/none)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -46,6 +47,7 @@ class SampleRecord:
 
 
 _FIELDS = {f.name for f in dataclasses.fields(SampleRecord)}
+_REQUIRED = {f.name for f in dataclasses.fields(SampleRecord) if f.default is dataclasses.MISSING}
 
 
 def sample_seed(seed: int, problem_id: str, sample_index: int) -> int:
@@ -83,9 +85,11 @@ class RecordStore:
                 raw = json.loads(line)
             except json.JSONDecodeError as e:
                 raise RecordsError(f"{where}: unreadable record ({e.msg}); fix or remove the line") from None
-            missing = _FIELDS - set(raw)
+            missing = _REQUIRED - set(raw)
             if missing:
                 raise RecordsError(f"{where}: record lacks field(s) {', '.join(sorted(missing))}")
+            if "answer_source" not in raw:
+                raw["answer_source"] = "boxed" if raw["answer"] is not None else "none"
             record = SampleRecord(**{k: raw[k] for k in _FIELDS})
             if record.key in self.records:
                 raise RecordsError(f"{where}: duplicate record for problem {record.problem_id!r} "

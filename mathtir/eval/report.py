@@ -40,6 +40,8 @@ def sample_statistics(records: list[SampleRecord]) -> dict:
         "generation_s": round(sum(r.generation_s for r in records), 2),
         "execution_s": round(sum(r.execution_s for r in records), 2),
         "finish_reasons": dict(Counter(r.finish_reason for r in records)),
+        "answer_sources": {source: sum(r.answer_source == source for r in records) / n if n else 0.0
+                           for source in ("boxed", "fallback", "none")},
         "samples_by_attempt": {str(k): v for k, v in sorted(Counter(r.attempt for r in records).items())},
     }
 
@@ -105,7 +107,7 @@ def render_report(metrics: dict, *, args, plots: list[Path]) -> str:
     lines += ["", "## Run", "", "| statistic | value |", "|---|---|"]
     for key in ("samples", "samples_with_code", "mean_code_rounds", "executions", "timeouts", "exec_errors",
                 "mean_generated_tokens", "mean_inserted_tokens", "mean_response_tokens", "generation_s",
-                "execution_s", "finish_reasons", "samples_by_attempt", "wall_s", "sampling_s", "samples_per_s"):
+                "execution_s", "finish_reasons", "answer_sources", "samples_by_attempt", "wall_s", "sampling_s", "samples_per_s"):
         value = run.get(key)
         lines.append(f"| {key} | {json.dumps(value) if isinstance(value, dict) else value} |")
     if metrics.get("unsampled_problems"):

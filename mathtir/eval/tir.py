@@ -17,11 +17,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from mathtir.answers import extract_answer, is_equivalent
+from mathtir.answers import extract_answer_with_source, is_equivalent
 from mathtir.eval.problems import Problem
 from mathtir.eval.records import SampleRecord, sample_seed
 from mathtir.eval.samplers import GenerationRequest, Sampler
-from mathtir.formats import Dialect, OutputFormat, PromptTemplate, format_output, pending_code
+from mathtir.formats import Dialect, OutputFormat, PromptTemplate, format_output, parse_response, pending_code
 
 ERROR_STATUSES = ("error", "killed", "output_limit", "internal_error")
 
@@ -38,6 +38,7 @@ class TIRConfig:
     temperature: float = 0.7
     top_p: float = 0.95
     seed: int = 0
+    answer_fallback: bool = False  # read an unboxed answer from the prose ("答えは…", "Answer: …", last number)
 
 
 def round_seed(sample_seed_value: int, round_index: int) -> int:
@@ -109,9 +110,14 @@ async def run_sample(problem: Problem, sample_index: int, *, sampler: Sampler, e
         response_tokens += n_output
         inserted_tokens += n_output
 
-    answer = extract_answer(response_text)
+    # The answer is the model's own: a \boxed{} that executed code printed into an output block is not it.
+    outputs = [(s.start, s.end) for s in parse_response(response_text, dialect) if s.kind == "output"]
+    answer, answer_source = extract_answer_with_source(response_text, fallback=config.answer_fallback,
+                                                       ignore_spans=outputs)
     return SampleRecord(
         problem_id=problem.id, sample_index=sample_index, seed=seed, text=response_text, answer=answer,
+        answer_source=answer_source,
+        # graded once, here; the metrics read this verdict
         correct=answer is not None and is_equivalent(answer, problem.expected_answer),
         code_rounds=len(executed), timeouts=timeouts, exec_errors=exec_errors,
         prompt_tokens=len(prompt_ids) if sampler.uses_token_ids else count_tokens(tokenizer, prompt_text),
