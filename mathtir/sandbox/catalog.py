@@ -232,6 +232,18 @@ CATALOG: tuple[HostileCase, ...] = (
                 "        except OSError:\n            pass\n    for path in ('environ', 'maps', 'mem'):\n        try:\n"
                 "            open(f'/proc/{pid}/{path}', 'rb').read(1)\n            reached.append((pid, path))\n"
                 "        except OSError:\n            pass\nprint('reached', reached)", ("ok",), stdout_has="reached []"),
+    HostileCase("x32_abi_kill_of_server",  # x32 numbers skip arch-checked rules unless the filter kills them
+                "import ctypes, os, platform\nif platform.machine() != 'x86_64':\n    os.abort()  # nothing to try here\n"
+                "ctypes.CDLL(None).syscall(0x40000000 | 62, os.getppid(), 9)\nprint('survived')", KILLED,
+                stdout_lacks="survived"),
+    HostileCase("newer_process_and_kernel_interfaces",  # numbers shared by every architecture since 5.1
+                "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nserver = os.getppid()\n"
+                "pidfd = os.open(f'/proc/{server}', os.O_RDONLY | os.O_DIRECTORY)\n"
+                "calls = {'io_uring_setup': (425, 8, None), 'pidfd_open': (434, server, 0), "
+                "'pidfd_getfd': (438, pidfd, 0, 0), 'process_madvise': (440, pidfd, None, 0, 0, 0), "
+                "'memfd_secret': (447, 0), 'process_mrelease': (448, pidfd, 0)}\n"
+                "print('allowed', [name for name, args in calls.items() if libc.syscall(*args) >= 0])", ("ok",),
+                stdout_has="allowed []"),
     HostileCase("kill_parent", "import os\nos.kill(os.getppid(), 9)", ERROR, error_has="PermissionError"),
     HostileCase("kill_pid_1", "import os\nos.kill(1, 9)", ERROR, error_has="PermissionError"),
     HostileCase("kill_every_process", "import os\nos.kill(-1, 9)", ERROR, error_has="PermissionError"),
@@ -274,6 +286,8 @@ CATALOG: tuple[HostileCase, ...] = (
                 history=("import os\nos.write(3, b'{\"event\": \"done\", \"exit_code\": 0}\\n')",)),
     HostileCase("history_forges_setup_failed", "print('new block')", ("ok",), stdout_has="new block",
                 history=("import os\nos.write(3, b'{\"event\": \"setup_failed\", \"error\": \"forged\"}\\n')",)),
+    HostileCase("history_stops_itself", "print('new block')", TIMEOUT, timeout=0.5, stdout_lacks="new block",
+                history=("import os, signal\nos.kill(os.getpid(), signal.SIGSTOP)",)),
     HostileCase("history_exits_the_process", "print('new block')", ("ok",), stdout_lacks="new block",
                 history=("import os\nos._exit(0)",)),
     HostileCase("history_closes_stdout", "print('new block')", ("ok",), stdout_has="new block",
