@@ -159,16 +159,16 @@ def _bwrap_namespace_args() -> list[str]:
     return ["--unshare-all"]  # unprivileged: a user namespace, capabilities dropped by bwrap
 
 
-# The fork server mounts its scratch tmpfs itself (bwrap's --tmpfs takes no inode cap), then drops this
-# capability before it runs any code from site-packages. Unprivileged, it is a capability of the sandbox's
-# own user namespace only.
-_MOUNT_CAPABILITY = ["--cap-add", "CAP_SYS_ADMIN"]
+# The fork server mounts its scratch tmpfs itself (bwrap's --tmpfs takes no inode cap), empties its bounding
+# set (CAP_SETPCAP) and drops both before it runs any code from site-packages. Unprivileged, they are
+# capabilities of the sandbox's own user namespace only.
+_SERVER_SETUP_CAPABILITIES = ["--cap-add", "CAP_SYS_ADMIN", "--cap-add", "CAP_SETPCAP"]
 
 
 def bwrap_command(bwrap: str, cfg: SandboxConfig, server_args: list[str]) -> list[str]:
     # No --as-pid-1: bwrap's own init holds the namespace, and it dies with bwrap (--die-with-parent) even
     # after the fork server changed credentials (which clears the server's own parent-death signal).
-    args = [bwrap, *_bwrap_namespace_args(), *_MOUNT_CAPABILITY, "--die-with-parent", "--new-session",
+    args = [bwrap, *_bwrap_namespace_args(), *_SERVER_SETUP_CAPABILITIES, "--die-with-parent", "--new-session",
             "--clearenv", "--hostname", "sandbox", "--ro-bind", "/usr", "/usr"]
     for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
         path = Path("/") / name

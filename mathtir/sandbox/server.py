@@ -801,9 +801,15 @@ def _warm_up_sympy(sp) -> None:
     sp.nsolve(x**2 - 2, x, 1)
 
 
-def _drop_privileges(libc, uid: int) -> None:
-    for cap in range(64):  # empty the bounding set while we may (needs CAP_SETPCAP; else a no-op)
+def _empty_bounding_set(libc) -> None:
+    """No capability can come back, even through an exec of a setuid or file-capability program (needs
+    CAP_SETPCAP; without it, a no-op)."""
+    for cap in range(64):
         libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
+
+
+def _drop_privileges(libc, uid: int) -> None:
+    _empty_bounding_set(libc)
     os.setgroups([])
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)
@@ -855,7 +861,8 @@ def main() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if config["scratch_mounts"]:
         _mount_scratch(libc, config["scratch_mounts"])
-        # CAP_SYS_ADMIN was lent for the mounts only: gone before any site-packages code runs.
+        _empty_bounding_set(libc)
+        # CAP_SYS_ADMIN and CAP_SETPCAP were lent for the two steps above: gone before any site-packages code.
         _drop_capabilities(libc, keep=(1 << CAP_SETUID | 1 << CAP_SETGID) if config["drop_to_uid"] is not None
                            else 0)
     proto_in, proto_out = os.dup(0), os.dup(1)
