@@ -1,9 +1,10 @@
 """The hostile catalog: snippets that try to escape, starve or poison a sandbox worker.
 
 One home for the cases, used by `python -m mathtir.sandbox selftest` and by tests/test_sandbox_hostile.py.
-Each case is run on a worker and then checked: the status is one of the expected ones, the host is
-untouched (planted secrets unread, bait files and listeners untouched, no leaked processes), and the
-SAME worker (not restarted) then runs `print(2+3)` correctly, plus an optional probe for leftover state.
+Each case is run on a worker (after its `history`, the trajectory's earlier blocks, is replayed) and then
+checked: the status is one of the expected ones, the host is untouched (planted secrets unread, bait files
+and listeners untouched, no leaked processes), and the SAME worker (not restarted) then runs `print(2+3)`
+correctly, plus an optional probe for leftover state.
 
 Snippet placeholders, filled in from HostBait: @KEY_PATH@ (a planted private key file), @SECRET_ENV@
 (name of a planted environment variable), @BAIT_DIR@ (a host directory), @TCP_PORT@/@UDP_PORT@
@@ -281,6 +282,9 @@ CATALOG: tuple[HostileCase, ...] = (
                 ERROR),
     HostileCase("dup2_over_status_fd_then_raise", "import os\nos.dup2(1, 3)\n1 / 0", ERROR),
     HostileCase("status_channel_flood", "import os\nwhile True:\n    os.write(3, b'{' * 65536)", TIMEOUT, timeout=1),
+    HostileCase("status_channel_flood_through_a_big_pipe",  # refills 1 MiB per write while we read 64 KiB
+                "import fcntl, os\nfcntl.fcntl(3, 1031, 2**20)  # F_SETPIPE_SZ\nchunk = b'{' * 2**20\n"
+                "while True:\n    os.write(3, chunk)", TIMEOUT, timeout=1),
     HostileCase("history_forges_done",
                 "while True:\n    pass", TIMEOUT, timeout=1,
                 history=("import os\nos.write(3, b'{\"event\": \"done\", \"exit_code\": 0}\\n')",)),

@@ -672,23 +672,27 @@ def execute(ctx: dict, child: Child, request: dict) -> dict:
     def output_total() -> int:
         return sum(c.total for c in captures.values())
 
-    def read_available(fd: int) -> None:
-        while True:
+    def read_available(fd: int) -> bool:
+        """Take what the pipe holds, 16 reads at most; True if there may be more. Bounded: a child that
+        writes fd 3 as fast as we read it (no output limit counts that channel) must not keep the loop
+        from the clock."""
+        for _ in range(16):
             try:
                 data = os.read(fd, 65536)
             except BlockingIOError:
-                return
+                return False
             if not data:
                 poller.unregister(fd)
                 open_fds.discard(fd)
-                return
+                return False
             if fd == child.status:
                 if len(status_buf) < 65536:
                     status_buf.extend(data)
             else:
                 captures[fd].feed(data)
                 if output_total() > max_output:
-                    return
+                    return False
+        return True
 
     def parse_status() -> None:
         nonlocal replay_ms, deadline
@@ -736,7 +740,8 @@ def execute(ctx: dict, child: Child, request: dict) -> dict:
     # so only the child held their write ends, and it is dead): take it.
     for fd in list(open_fds):
         if verdict != "output_limit" or fd == child.status:
-            read_available(fd)
+            while read_available(fd):
+                pass
     parse_status()
 
     out, err = captures[child.stdout], captures[child.stderr]
