@@ -6,6 +6,7 @@ a fork server that shrugs off signals.
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import threading
 import time
@@ -13,7 +14,7 @@ import time
 import pytest
 
 from mathtir.sandbox import SandboxPool
-from mathtir.sandbox.catalog import MEMORY_SCAN, PREVIOUS_CANARY, descendant_pids
+from mathtir.sandbox.catalog import MEMORY_SCAN, PREVIOUS_CANARY, RAW_THREADS, descendant_pids
 
 FORGED_SETUP_FAILED = ("import os\nos.write(3, b'{\"event\": \"setup_failed\", \"error\": \"forged\"}\\n')\n"
                        "os._exit(120)")
@@ -87,6 +88,14 @@ def test_fork_server_ignores_catchable_signals(pool):
     r = pool.run("print(2 + 3)", timeout=5)
     assert (r.status, r.stdout) == ("ok", "5\n")
     assert worker.starts == 1 and _host_pid_of_fork_server(worker) == server
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the raw-clone snippet is x86_64 machine code")
+def test_threads_without_stacks_are_capped_by_the_thread_limit():
+    """Threads made by a raw clone cost no address space: RLIMIT_NPROC is what bounds their kernel memory."""
+    with SandboxPool(1, memory_mb=256, max_user_threads=64) as small:
+        r = small.run(RAW_THREADS, timeout=10)
+        assert r.status == "ok" and r.stdout.startswith("capped ") and int(r.stdout.split()[1]) < 64, r
 
 
 def test_scratch_inode_cap_is_configurable_and_wiped():

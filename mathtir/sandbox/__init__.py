@@ -13,7 +13,7 @@ What a snippet gets: no network (empty network namespace, and no socket() at all
 files except read-only /usr and the Python install, a private /tmp and /dev/shm (64 MiB and 16384 inodes
 each) wiped after every run, a cleared environment, the nobody user (or the caller's own uid without root),
 no fork/exec, signals only to itself (by every route known: kill, pidfds, fcntl/ioctl owners), no memfd or SysV/POSIX
-IPC, rlimits on address space, CPU time, file size and open files, and a fresh copy of an interpreter that
+IPC, rlimits on address space, CPU time, file size, open files and threads, and a fresh copy of an interpreter that
 never saw an earlier sample. Its status and exit code come from the kernel's wait status, never from anything it could write.
 docs/sandbox.md gives the threat model and the known limits, among them: degraded mode (no bwrap) exposes
 every file the user can read.

@@ -64,6 +64,17 @@ OWNER_ROUTES = (
     "    except OSError:\n        got.append((name, -1))\n"
     "for fd in (r, a.fileno()):\n    fcntl.fcntl(fd, fcntl.F_SETFL, os.O_ASYNC | os.O_NONBLOCK)\n"
     "os.write(w, b'x')\nb.send(b'x')\nprint(got)")
+# Threads made by raw clone(CLONE_THREAD) on the caller's own stack, each parked in pause(): no stack, so no
+# address space, but ~30 KiB of kernel memory each. x86_64 machine code; returns how many it made.
+RAW_THREADS = (
+    "import ctypes, mmap, platform, struct\nif platform.machine() != 'x86_64':\n"
+    "    print('capped (nothing to try on this architecture)')\nelse:\n"
+    "    code = (bytes.fromhex('BF000F0500' '4531C9' '31F6' '31D2' '4531D2' '4531C0' 'B838000000' '0F05' '4885C0'\n"
+    "                          '7412' '780C' '49FFC1' '4981F9') + struct.pack('<I', 10000)\n"
+    "            + bytes.fromhex('72DC' '4C89C8' 'C3' 'B822000000' '0F05' 'EBF7'))\n"
+    "    page = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)\n    page.write(code)\n"
+    "    spawn = ctypes.CFUNCTYPE(ctypes.c_long)(ctypes.addressof(ctypes.c_char.from_buffer(page)))\n"
+    "    made = spawn()\n    print('capped' if made < 10000 else 'uncapped', made)")
 # Scans this process's anonymous memory (the memory a child is forked from) for a canary printed by an earlier
 # sample. The needle is built from numbers, so the only copy of it is the one whose address is skipped.
 PREVIOUS_CANARY = "mathtir-previous-sample-canary-5d1c0e"
@@ -120,6 +131,8 @@ CATALOG: tuple[HostileCase, ...] = (
                 "import threading\nfor _ in range(8):\n    threading.Thread(target=lambda: any(iter(int, 1)))"
                 ".start()\nprint('main done')", TIMEOUT, timeout=1),
     # --- memory ---
+    HostileCase("raw_clone_threads_beyond_memory_limit", RAW_THREADS, ("ok",), stdout_has="capped",
+                stdout_lacks="uncapped"),
     HostileCase("memory_list", "x = [0] * (10**10)", ERROR, error_has="MemoryError"),
     HostileCase("memory_growth", "x = []\nwhile True:\n    x.append(bytearray(10**7))", ERROR, timeout=10,
                 error_has="MemoryError"),

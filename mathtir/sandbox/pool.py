@@ -96,6 +96,10 @@ class SandboxConfig:
     tmp_inodes: int = 16384  # files, directories and links in each of them (~1 KiB of kernel memory each)
     file_size_mb: int = 16  # largest file a snippet may write
     max_open_files: int = 64
+    # RLIMIT_NPROC of a child: threads (each pins ~30 KiB of kernel memory, beyond the address-space limit
+    # when made by a raw clone without a stack) and processes of the child's user. That user is shared:
+    # as root, every sandbox child on the host runs as nobody and they count together.
+    max_user_threads: int = 4096
     keep_output_bytes: int = 16384  # per stream: the first and last half are kept
     max_output_bytes: int = 1 << 20  # both streams together; beyond this the snippet is stopped
     replay_margin: float = 5.0  # seconds of history replay that do not count against the timeout
@@ -274,6 +278,7 @@ class Worker:
             "memory_mb": cfg.memory_mb,
             "file_size_mb": cfg.file_size_mb,
             "max_open_files": cfg.max_open_files,
+            "max_user_threads": cfg.max_user_threads,
             "keep_output_bytes": cfg.keep_output_bytes,
             "max_output_bytes": cfg.max_output_bytes,
             "seed": cfg.seed,

@@ -234,6 +234,7 @@ def _isolate_child(ctx: dict) -> None:
     for res, value in ((resource.RLIMIT_AS, ctx["address_space"]),
                        (resource.RLIMIT_FSIZE, ctx["file_size"]),
                        (resource.RLIMIT_NOFILE, ctx["open_files"]),
+                       (resource.RLIMIT_NPROC, ctx["user_threads"]),
                        (resource.RLIMIT_CORE, 0)):
         resource.setrlimit(res, (value, value))
     _drop_capabilities(libc)
@@ -852,6 +853,12 @@ def _ignore_signals(signal) -> dict:
     return handlers
 
 
+def _within_hard_limit(resource, limit: int, wanted: int) -> int:
+    """`wanted`, or less if the hard limit we inherited is lower (a child cannot raise it)."""
+    hard = resource.getrlimit(limit)[1]
+    return wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+
+
 def main() -> None:
     import ctypes
     import fcntl  # noqa: F401 — imported once here for every child (_child_main)
@@ -917,6 +924,7 @@ def main() -> None:
         "address_space": vm_bytes + config["memory_mb"] * 2**20,
         "file_size": config["file_size_mb"] * 2**20,
         "open_files": config["max_open_files"],
+        "user_threads": _within_hard_limit(resource, resource.RLIMIT_NPROC, config["max_user_threads"]),
         "keep_output_bytes": config["keep_output_bytes"],
         "max_output_bytes": config["max_output_bytes"],
         "max_fd": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
