@@ -146,6 +146,12 @@ CATALOG: tuple[HostileCase, ...] = (
     HostileCase("sysv_and_posix_ipc_objects", SYSV_IPC.replace("@FLAGS@", "0o1666"), ("ok",),
                 stdout_has="[-1, -1, -1, -1]", probe=SYSV_IPC.replace("@FLAGS@", "0"),
                 probe_stdout="[-1, -1, -1, -1]\n"),
+    HostileCase("exhaust_host_aio_contexts",  # aio-max-nr is one pool for the whole host
+                "import ctypes, platform\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                "number = {'x86_64': 206, 'aarch64': 0, 'ppc64le': 227}[platform.machine()]\n"
+                "contexts = [ctypes.c_ulong(0) for _ in range(64)]\n"
+                "print('made', sum(libc.syscall(number, 1024, ctypes.byref(c)) == 0 for c in contexts))", ("ok",),
+                stdout_has="made 0\n"),
     HostileCase("fill_dev_shm",
                 "for i in range(100):\n    with open(f'/dev/shm/f{i}', 'wb') as f:\n        f.write(b'0' * 15 * 2**20)",
                 ERROR, error_has="No space left", probe=EMPTY_SCRATCH[0], probe_stdout=EMPTY_SCRATCH[1]),

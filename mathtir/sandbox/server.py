@@ -94,11 +94,12 @@ def write_all(fd: int, data: bytes) -> None:
 # Denied with EPERM: new processes/programs, network sockets, tracing other processes, mounts and
 # namespaces, leaving the process group, memory outside the address-space limit (memfd pages and SysV
 # shared memory are charged to no rlimit; IPC objects would also outlive the child, as would POSIX message
-# queues), and kernel interfaces a snippet has no business with (io_uring would bypass this filter).
+# queues), Linux AIO (its contexts draw on a host-wide pool, aio-max-nr, that other programs need), and
+# kernel interfaces a snippet has no business with (io_uring would bypass this filter).
 DENIED_SYSCALLS = (
     "fork", "vfork", "execve", "execveat",
     "socket",
-    "memfd_create", "memfd_secret", "shmget", "msgget", "semget", "mq_open",
+    "memfd_create", "memfd_secret", "shmget", "msgget", "semget", "mq_open", "io_setup",
     "ptrace", "process_vm_readv", "process_vm_writev", "process_madvise", "process_mrelease", "kcmp",
     "pidfd_open", "pidfd_getfd", "pidfd_send_signal", "tkill",
     "mount", "umount", "umount2", "pivot_root", "chroot", "unshare", "setns", "open_tree",
