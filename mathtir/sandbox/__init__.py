@@ -7,15 +7,16 @@
 SandboxPool runs snippets in fork servers inside bubblewrap sandboxes; ExecResult is what comes back.
 Importing this package is light: the math stack is imported inside the sandbox workers, not here.
 The Ray wrappers live in mathtir.sandbox.ray_actor (imports ray; import it only where Ray is used).
-`python -m mathtir.sandbox selftest` runs the hostile catalog (mathtir/sandbox/catalog.py).
+`mathtir sandbox selftest` runs the hostile catalog (mathtir/sandbox/catalog.py).
 
 What a snippet gets: no network (empty network namespace, and no socket() at all), no view of the host's
-files except read-only /usr and the Python install, a private 64 MiB /tmp wiped after every run, a cleared
-environment, the nobody user (or the caller's own uid without root), no fork/exec, signals only to
-itself, rlimits on address space, CPU time, file size and open files. Known limits: a snippet can spend
-its whole timeout creating empty files (tmpfs inode count cannot be capped through bwrap); a worker whose
-/tmp cannot be wiped restarts (the run in flight is retried); degraded mode (no bwrap) exposes every file
-the user can read.
+files except read-only /usr and the Python install, a private /tmp and /dev/shm (64 MiB and 16384 inodes
+each) wiped after every run, a cleared environment, the nobody user (or the caller's own uid without root),
+no fork/exec, signals only to itself (by every route known: kill, pidfds, fcntl/ioctl owners), no memfd or SysV/POSIX
+IPC, rlimits on address space, CPU time, file size, open files and threads, and a fresh copy of an interpreter that
+never saw an earlier sample. Its status and exit code come from the kernel's wait status, never from anything it could write.
+docs/sandbox.md gives the threat model and the known limits, among them: degraded mode (no bwrap) exposes
+every file the user can read.
 """
 
 from mathtir.sandbox.pool import STATUSES, ExecResult, SandboxPool, SandboxUnavailable

@@ -1,9 +1,10 @@
 """The hostile catalog: snippets that try to escape, starve or poison a sandbox worker.
 
-One home for the cases, used by `python -m mathtir.sandbox selftest` and by tests/test_sandbox_hostile.py.
-Each case is run on a worker and then checked: the status is one of the expected ones, the host is
-untouched (planted secrets unread, bait files and listeners untouched, no leaked processes), and the
-SAME worker (not restarted) then runs `print(2+3)` correctly, plus an optional probe for leftover state.
+One home for the cases, used by `mathtir sandbox selftest` and by tests/test_sandbox_hostile.py.
+Each case is run on a worker (after its `history`, the trajectory's earlier blocks, is replayed) and then
+checked: the status is one of the expected ones, the host is untouched (planted secrets unread, bait files
+and listeners untouched, no leaked processes), and the SAME worker (not restarted) then runs `print(2+3)`
+correctly, plus an optional probe for leftover state.
 
 Snippet placeholders, filled in from HostBait: @KEY_PATH@ (a planted private key file), @SECRET_ENV@
 (name of a planted environment variable), @BAIT_DIR@ (a host directory), @TCP_PORT@/@UDP_PORT@
@@ -38,6 +39,7 @@ class HostileCase:
     error_has: str | None = None
     probe: str | None = None  # run next on the same worker; its stdout must equal probe_stdout
     probe_stdout: str | None = None
+    history: tuple[str, ...] = ()  # earlier blocks of the trajectory, replayed before `code`
 
 
 TIMEOUT = ("timeout",)
@@ -45,6 +47,50 @@ ERROR = ("error",)
 KILLED = ("killed",)
 OUTPUT_LIMIT = ("output_limit",)
 EMPTY_SCRATCH = ("import os\nprint(os.listdir('/tmp'), os.listdir('/dev/shm'))", "[] []\n")
+
+# Asks the kernel to signal the fork server (the snippet's parent) when a pipe becomes readable: fcntl owner +
+# O_ASYNC, a route the kill() family's seccomp rule does not see. @TARGET@ and @SIGNAL@ are filled per case.
+SIGIO_TO_SERVER = ("import fcntl, os, signal\nr, w = os.pipe()\nfcntl.fcntl(r, fcntl.F_SETOWN, @TARGET@)\n"
+                   "fcntl.fcntl(r, 10, @SIGNAL@)  # F_SETSIG\nfcntl.fcntl(r, fcntl.F_SETFL, os.O_ASYNC)\n"
+                   "os.write(w, b'x')\nprint('signal sent')")
+# The other owner-setting routes (F_SETOWN_EX, ioctl FIOSETOWN on a pipe, SIOCSPGRP on a socket pair); any
+# that succeeds arms SIGIO (whose default action kills) towards the server.
+OWNER_ROUTES = (
+    "import ctypes, fcntl, os, socket, struct\nlibc = ctypes.CDLL(None, use_errno=True)\nserver = os.getppid()\n"
+    "r, w = os.pipe()\na, b = socket.socketpair()\nowner = ctypes.create_string_buffer(struct.pack('ii', 1, server))\n"
+    "got = [('F_SETOWN_EX', libc.fcntl(r, 15, owner))]\n"
+    "for name, fd, request in (('FIOSETOWN', r, 0x8901), ('SIOCSPGRP', a.fileno(), 0x8902)):\n"
+    "    try:\n        fcntl.ioctl(fd, request, struct.pack('i', server))\n        got.append((name, 0))\n"
+    "    except OSError:\n        got.append((name, -1))\n"
+    "for fd in (r, a.fileno()):\n    fcntl.fcntl(fd, fcntl.F_SETFL, os.O_ASYNC | os.O_NONBLOCK)\n"
+    "os.write(w, b'x')\nb.send(b'x')\nprint(got)")
+# Threads made by raw clone(CLONE_THREAD) on the caller's own stack, each parked in pause(): no stack, so no
+# address space, but ~30 KiB of kernel memory each. x86_64 machine code; returns how many it made.
+RAW_THREADS = (
+    "import ctypes, mmap, platform, struct\nif platform.machine() != 'x86_64':\n"
+    "    print('capped (nothing to try on this architecture)')\nelse:\n"
+    "    code = (bytes.fromhex('BF000F0500' '4531C9' '31F6' '31D2' '4531D2' '4531C0' 'B838000000' '0F05' '4885C0'\n"
+    "                          '7412' '780C' '49FFC1' '4981F9') + struct.pack('<I', 10000)\n"
+    "            + bytes.fromhex('72DC' '4C89C8' 'C3' 'B822000000' '0F05' 'EBF7'))\n"
+    "    page = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)\n    page.write(code)\n"
+    "    spawn = ctypes.CFUNCTYPE(ctypes.c_long)(ctypes.addressof(ctypes.c_char.from_buffer(page)))\n"
+    "    made = spawn()\n    print('capped' if made < 10000 else 'uncapped', made)")
+# Scans this process's anonymous memory (the memory a child is forked from) for a canary printed by an earlier
+# sample. The needle is built from numbers, so the only copy of it is the one whose address is skipped.
+PREVIOUS_CANARY = "mathtir-previous-sample-canary-5d1c0e"
+MEMORY_SCAN = (
+    "import ctypes\nlibc = ctypes.CDLL(None)\nlibc.memmem.restype = ctypes.c_void_p\n"
+    "libc.memmem.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]\n"
+    f"needle = bytes({list(PREVIOUS_CANARY.encode())})\n"
+    "own = ctypes.cast(ctypes.c_char_p(needle), ctypes.c_void_p).value\nhits = 0\n"
+    "for line in open('/proc/self/maps').read().splitlines():\n    fields = line.split()\n"
+    "    if 'r' not in fields[1] or (len(fields) > 5 and fields[5] not in ('[heap]', '[stack]')):\n        continue\n"
+    "    at, end = (int(x, 16) for x in fields[0].split('-'))\n    while True:\n"
+    "        hit = libc.memmem(at, end - at, needle, len(needle))\n        if not hit:\n            break\n"
+    "        hits += hit != own\n        at = hit + 1\nprint('found' if hits else 'clean')")
+SYSV_IPC = ("import ctypes\nlibc = ctypes.CDLL(None)\nkey, flags = 0x4D415448, @FLAGS@\n"
+            "print([libc.shmget(key, 4096, flags), libc.msgget(key, flags), libc.semget(key, 1, flags), "
+            "libc.mq_open(b'/mathtir', 0o100 | 2 if flags else 2, 0o666, None)])")
 
 CATALOG: tuple[HostileCase, ...] = (
     # --- time ---
@@ -59,6 +105,11 @@ CATALOG: tuple[HostileCase, ...] = (
     HostileCase("catastrophic_regex_in_c", "import re\nre.match(r'(a+)+$', 'a' * 64 + 'b')", TIMEOUT, timeout=1),
     HostileCase("stop_self", "import os, signal\nos.kill(os.getpid(), signal.SIGSTOP)\nprint('resumed')",
                 TIMEOUT, timeout=1, stdout_lacks="resumed"),
+    HostileCase("slow_output_drip", "import time\nwhile True:\n    print('.', end='', flush=True)\n    time.sleep(0.05)",
+                TIMEOUT, timeout=1, stdout_has="."),
+    HostileCase("cpu_burn_in_threads",
+                "import threading\nfor _ in range(4):\n    threading.Thread(target=lambda: any(iter(int, 1)), daemon=True)"
+                ".start()\nwhile True:\n    pass", TIMEOUT, timeout=1),
     HostileCase("handler_for_sigkill", "import signal\nsignal.signal(signal.SIGKILL, lambda *a: None)", ERROR,
                 error_has="OSError"),
     # --- processes ---
@@ -80,12 +131,30 @@ CATALOG: tuple[HostileCase, ...] = (
                 "import threading\nfor _ in range(8):\n    threading.Thread(target=lambda: any(iter(int, 1)))"
                 ".start()\nprint('main done')", TIMEOUT, timeout=1),
     # --- memory ---
+    HostileCase("raw_clone_threads_beyond_memory_limit", RAW_THREADS, ("ok",), stdout_has="capped",
+                stdout_lacks="uncapped"),
     HostileCase("memory_list", "x = [0] * (10**10)", ERROR, error_has="MemoryError"),
     HostileCase("memory_growth", "x = []\nwhile True:\n    x.append(bytearray(10**7))", ERROR, timeout=10,
                 error_has="MemoryError"),
     HostileCase("memory_bytes", "b = b'x' * (10**11)", ERROR, error_has="MemoryError"),
     HostileCase("memory_numpy", "import numpy as np\na = np.ones((10**6, 10**5))", ERROR, error_has="MemoryError"),
     HostileCase("memory_mmap", "import mmap\nm = mmap.mmap(-1, 10**11)", ERROR),
+    HostileCase("memfd_beyond_memory_limit",  # memfd pages count against no rlimit but the file size, per memfd
+                "import os\nfds = [os.memfd_create('hoard') for _ in range(4)]\nfor fd in fds:\n"
+                "    os.write(fd, b'0' * 15 * 2**20)\nprint('hoarded')", ERROR, error_has="PermissionError",
+                stdout_lacks="hoarded"),
+    HostileCase("sysv_and_posix_ipc_objects", SYSV_IPC.replace("@FLAGS@", "0o1666"), ("ok",),
+                stdout_has="[-1, -1, -1, -1]", probe=SYSV_IPC.replace("@FLAGS@", "0"),
+                probe_stdout="[-1, -1, -1, -1]\n"),
+    HostileCase("exhaust_host_aio_contexts",  # aio-max-nr is one pool for the whole host
+                "import ctypes, platform\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                "number = {'x86_64': 206, 'aarch64': 0, 'ppc64le': 227}[platform.machine()]\n"
+                "contexts = [ctypes.c_ulong(0) for _ in range(64)]\n"
+                "print('made', sum(libc.syscall(number, 1024, ctypes.byref(c)) == 0 for c in contexts))", ("ok",),
+                stdout_has="made 0\n"),
+    HostileCase("fill_dev_shm",
+                "for i in range(100):\n    with open(f'/dev/shm/f{i}', 'wb') as f:\n        f.write(b'0' * 15 * 2**20)",
+                ERROR, error_has="No space left", probe=EMPTY_SCRATCH[0], probe_stdout=EMPTY_SCRATCH[1]),
     HostileCase("recursion", "def f(n):\n    return f(n + 1)\nf(0)", ERROR, error_has="RecursionError"),
     HostileCase("c_stack_overflow", "x = ()\nfor _ in range(10**6):\n    x = (x,)\nhash(x)", KILLED, timeout=8),
     # --- output ---
@@ -107,9 +176,15 @@ CATALOG: tuple[HostileCase, ...] = (
     HostileCase("fill_tmpfs",
                 "for i in range(100):\n    with open(f'/tmp/f{i}', 'wb') as f:\n        f.write(b'0' * 15 * 2**20)",
                 ERROR, error_has="No space left", probe=EMPTY_SCRATCH[0], probe_stdout=EMPTY_SCRATCH[1]),
-    HostileCase("many_files",
-                "import os\nfor i in range(20000):\n    open(f'/tmp/f{i}', 'w').close()\nprint(len(os.listdir('/tmp')))",
-                ("ok",), stdout_has="20000", probe=EMPTY_SCRATCH[0], probe_stdout=EMPTY_SCRATCH[1]),
+    HostileCase("many_files",  # every inode pins kernel memory outside any rlimit: the count is capped
+                "for i in range(10**6):\n    open(f'/tmp/f{i}', 'w').close()", ERROR, timeout=10,
+                error_has="No space left", probe=EMPTY_SCRATCH[0], probe_stdout=EMPTY_SCRATCH[1]),
+    HostileCase("many_hard_links",
+                "import os\nopen('/tmp/f', 'w').close()\nfor i in range(10**6):\n    os.link('/tmp/f', f'/tmp/l{i}')",
+                ERROR, timeout=10, error_has="No space left", probe=EMPTY_SCRATCH[0], probe_stdout=EMPTY_SCRATCH[1]),
+    HostileCase("many_symlinks_and_dirs_in_shm",
+                "import os\nfor i in range(10**6):\n    os.symlink('x', f'/dev/shm/s{i}')\n    os.mkdir(f'/dev/shm/d{i}')",
+                ERROR, timeout=10, error_has="No space left", probe=EMPTY_SCRATCH[0], probe_stdout=EMPTY_SCRATCH[1]),
     HostileCase("deep_directories",
                 "import os\nos.chdir('/tmp')\nfor _ in range(3000):  # 6000 chars: deeper than PATH_MAX\n    os.mkdir('d')\n    os.chdir('d')\n"
                 "open('leaf', 'w').close()", ("ok",), probe=EMPTY_SCRATCH[0], probe_stdout=EMPTY_SCRATCH[1]),
@@ -153,6 +228,42 @@ CATALOG: tuple[HostileCase, ...] = (
     HostileCase("ipv6_loopback", "import socket\ns = socket.socket(socket.AF_INET6)\ns.connect(('::1', @TCP_PORT@))",
                 ERROR),
     # --- other processes ---
+    HostileCase("sigio_sigkill_to_server", SIGIO_TO_SERVER.replace("@TARGET@", "os.getppid()")
+                .replace("@SIGNAL@", "signal.SIGKILL"), ERROR, error_has="PermissionError", stdout_lacks="sent"),
+    HostileCase("sigio_sigstop_to_server_group", SIGIO_TO_SERVER.replace("@TARGET@", "-os.getpgid(os.getppid())")
+                .replace("@SIGNAL@", "signal.SIGSTOP"), ERROR, error_has="PermissionError", stdout_lacks="sent"),
+    HostileCase("sigio_sigterm_to_pid_1", SIGIO_TO_SERVER.replace("@TARGET@", "1")
+                .replace("@SIGNAL@", "signal.SIGTERM"), ERROR, error_has="PermissionError", stdout_lacks="sent"),
+    HostileCase("owner_ex_and_ioctl_signal_routes", OWNER_ROUTES, ("ok",),
+                stdout_has="[('F_SETOWN_EX', -1), ('FIOSETOWN', -1), ('SIOCSPGRP', -1)]"),
+    HostileCase("signal_every_pid_every_route",
+                "import ctypes, os\nlibc = ctypes.CDLL(None)\nhits = []\n"
+                "for pid in [int(p) for p in os.listdir('/proc') if p.isdigit() and int(p) != os.getpid()]:\n"
+                "    try:\n        os.kill(pid, 9)\n        hits.append(('kill', pid))\n    except OSError:\n        pass\n"
+                "    if libc.tgkill(pid, pid, 9) == 0:\n        hits.append(('tgkill', pid))\n"
+                "    try:\n        pidfd = os.open(f'/proc/{pid}', os.O_RDONLY | os.O_DIRECTORY)\n"
+                "    except OSError:\n        continue\n"
+                "    if libc.syscall(424, pidfd, 9, None, 0) == 0:  # pidfd_send_signal, same number on every arch\n"
+                "        hits.append(('pidfd', pid))\nprint('hits', hits)", ("ok",), stdout_has="hits []"),
+    HostileCase("reach_other_processes_through_proc",
+                "import os\nreached = []\nfor pid in [p for p in os.listdir('/proc') if p.isdigit() and int(p) != os.getpid()]:\n"
+                "    for how, path in (('fd', 'fd'), ('cwd', 'cwd'), ('root', 'root')):\n        try:\n"
+                "            os.listdir(f'/proc/{pid}/{path}')\n            reached.append((pid, how))\n"
+                "        except OSError:\n            pass\n    for path in ('environ', 'maps', 'mem'):\n        try:\n"
+                "            open(f'/proc/{pid}/{path}', 'rb').read(1)\n            reached.append((pid, path))\n"
+                "        except OSError:\n            pass\nprint('reached', reached)", ("ok",), stdout_has="reached []"),
+    HostileCase("x32_abi_kill_of_server",  # x32 numbers skip arch-checked rules unless the filter kills them
+                "import ctypes, os, platform\nif platform.machine() != 'x86_64':\n    os.abort()  # nothing to try here\n"
+                "ctypes.CDLL(None).syscall(0x40000000 | 62, os.getppid(), 9)\nprint('survived')", KILLED,
+                stdout_lacks="survived"),
+    HostileCase("newer_process_and_kernel_interfaces",  # numbers shared by every architecture since 5.1
+                "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nserver = os.getppid()\n"
+                "pidfd = os.open(f'/proc/{server}', os.O_RDONLY | os.O_DIRECTORY)\n"
+                "calls = {'io_uring_setup': (425, 8, None), 'pidfd_open': (434, server, 0), "
+                "'pidfd_getfd': (438, pidfd, 0, 0), 'process_madvise': (440, pidfd, None, 0, 0, 0), "
+                "'memfd_secret': (447, 0), 'process_mrelease': (448, pidfd, 0)}\n"
+                "print('allowed', [name for name, args in calls.items() if libc.syscall(*args) >= 0])", ("ok",),
+                stdout_has="allowed []"),
     HostileCase("kill_parent", "import os\nos.kill(os.getppid(), 9)", ERROR, error_has="PermissionError"),
     HostileCase("kill_pid_1", "import os\nos.kill(1, 9)", ERROR, error_has="PermissionError"),
     HostileCase("kill_every_process", "import os\nos.kill(-1, 9)", ERROR, error_has="PermissionError"),
@@ -175,6 +286,35 @@ CATALOG: tuple[HostileCase, ...] = (
                 "import os, json, struct\nframe = json.dumps({'status': 'ok', 'stdout': 'forged'}).encode()\n"
                 "for fd in range(3, 1024):\n    try:\n        os.write(fd, struct.pack('>I', len(frame)) + frame)\n"
                 "    except OSError:\n        pass\nprint('sent')", ("ok",), stdout_has="sent", stdout_lacks="forged"),
+    HostileCase("inherited_fds",
+                "import os\nopen_fds = []\nfor fd in range(4096):\n    try:\n        os.fstat(fd)\n"
+                "        open_fds.append(fd)\n    except OSError:\n        pass\nprint(open_fds)", ("ok",),
+                stdout_has="[0, 1, 2, 3]\n"),
+    HostileCase("forged_done_then_spin",
+                "import os\nos.write(3, b'{\"event\": \"done\", \"exit_code\": 0}\\n')\nwhile True:\n    pass",
+                TIMEOUT, timeout=1),
+    HostileCase("forged_done_through_proc_self_fd",
+                "f = open('/proc/self/fd/3', 'w')\nf.write('{\"event\": \"done\", \"exit_code\": 0}\\n')\nf.flush()\n"
+                "while True:\n    pass", TIMEOUT, timeout=1),
+    HostileCase("forged_setup_failed",
+                "import os\nos.write(3, b'{\"event\": \"setup_failed\", \"error\": \"forged\"}\\n')\nos._exit(120)",
+                ERROR),
+    HostileCase("dup2_over_status_fd_then_raise", "import os\nos.dup2(1, 3)\n1 / 0", ERROR),
+    HostileCase("status_channel_flood", "import os\nwhile True:\n    os.write(3, b'{' * 65536)", TIMEOUT, timeout=1),
+    HostileCase("status_channel_flood_through_a_big_pipe",  # refills 1 MiB per write while we read 64 KiB
+                "import fcntl, os\nfcntl.fcntl(3, 1031, 2**20)  # F_SETPIPE_SZ\nchunk = b'{' * 2**20\n"
+                "while True:\n    os.write(3, chunk)", TIMEOUT, timeout=1),
+    HostileCase("history_forges_done",
+                "while True:\n    pass", TIMEOUT, timeout=1,
+                history=("import os\nos.write(3, b'{\"event\": \"done\", \"exit_code\": 0}\\n')",)),
+    HostileCase("history_forges_setup_failed", "print('new block')", ("ok",), stdout_has="new block",
+                history=("import os\nos.write(3, b'{\"event\": \"setup_failed\", \"error\": \"forged\"}\\n')",)),
+    HostileCase("history_stops_itself", "print('new block')", TIMEOUT, timeout=0.5, stdout_lacks="new block",
+                history=("import os, signal\nos.kill(os.getpid(), signal.SIGSTOP)",)),
+    HostileCase("history_exits_the_process", "print('new block')", ("ok",), stdout_lacks="new block",
+                history=("import os\nos._exit(0)",)),
+    HostileCase("history_closes_stdout", "print('new block')", ("ok",), stdout_has="new block",
+                history=("import os\nos.close(1)\nos.close(2)",)),
     HostileCase("garbage_on_status_channel",
                 "import os\nos.write(3, b'[' * 60000 + b'\\n{\"event\": \"done\"}\\n\\xff\\n{\"event\": \"setup_failed\"}\\n'\n"
                 "         b'{\"event\": \"done\", \"exit_code\": 0.5}\\n{\"event\": \"error\", \"error\": [1]}\\n' + b'7' * 5000 + b'\\n')\n"
@@ -197,6 +337,21 @@ CATALOG: tuple[HostileCase, ...] = (
     HostileCase("change_cwd_env_umask", "import os\nos.chdir('/')\nos.environ['LEFT'] = '1'\nos.umask(0)", ("ok",),
                 probe="import os\nprint(os.getcwd(), 'LEFT' in os.environ, oct(os.umask(0o22)))",
                 probe_stdout="/tmp False 0o22\n"),
+    HostileCase("previous_sample_in_memory", f"secret = {PREVIOUS_CANARY!r}\nprint(secret * 3)", ("ok",), probe=MEMORY_SCAN,
+                probe_stdout="clean\n"),
+    HostileCase("advance_random_generators",
+                "import random, numpy as np\nnp.random.seed(123)\nnp.random.rand(1000)\nrandom.seed(5)", ("ok",),
+                probe="import random, numpy as np\nprint(np.random.rand(), random.random())",
+                probe_stdout="0.5488135039273248 0.8444218515250481\n"),
+    HostileCase("replace_sys_modules_and_print",
+                "import sys, types, builtins\nsys.modules['math'] = types.SimpleNamespace(sqrt=lambda x: 'poisoned')\n"
+                "sys.path.insert(0, '/tmp')\nbuiltins.print = lambda *a, **k: None", ("ok",),
+                probe="import math, sys\nprint(math.sqrt(16), '/tmp' in sys.path)", probe_stdout="4.0 False\n"),
+    HostileCase("daemon_thread_outlives_main",
+                "import threading, time\ndef late():\n    time.sleep(0.3)\n    open('/tmp/late', 'w').write('x')\n"
+                "threading.Thread(target=late, daemon=True).start()\nprint('main done')", ("ok",),
+                stdout_has="main done", probe="import time, os\ntime.sleep(0.5)\nprint(os.listdir('/tmp'))",
+                probe_stdout="[]\n"),
     HostileCase("keyboard_interrupt", "raise KeyboardInterrupt", ERROR, error_has="KeyboardInterrupt"),
 )
 
@@ -317,7 +472,7 @@ def run_case(worker: Worker, case: HostileCase, bait: HostBait, process_count: i
     """`process_count`: size of the worker's process tree when idle (measured before any case ran)."""
     starts, pid = worker.starts, worker.pid
     t0 = time.monotonic()
-    result = worker.run(bait.fill(case.code), timeout=case.timeout)
+    result = worker.run(bait.fill(case.code), timeout=case.timeout, history=case.history)
     seconds = time.monotonic() - t0
     problems = bait.problems(result)
     if result.status not in case.expect:

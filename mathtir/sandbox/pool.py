@@ -5,7 +5,8 @@
         result.status, result.stdout        # ('ok', '[-2, 2]\\n')
 
 Host side only: builds the bwrap command, speaks the frame protocol of server.py, supervises workers
-(restart on crash or hang, retry once, recycle after N runs). The isolation itself is in server.py.
+(restart on crash or hang, retry once when the snippet cannot have caused the failure, recycle after N runs).
+The isolation itself is in server.py; docs/sandbox.md gives the threat model.
 """
 
 from __future__ import annotations
@@ -92,8 +93,13 @@ class WorkerFailed(RuntimeError):
 class SandboxConfig:
     memory_mb: int = 1024  # address space a snippet may add on top of the fork server's
     tmp_size_mb: int = 64  # size of the sandbox's /tmp and /dev/shm
+    tmp_inodes: int = 16384  # files, directories and links in each of them (~1 KiB of kernel memory each)
     file_size_mb: int = 16  # largest file a snippet may write
     max_open_files: int = 64
+    # RLIMIT_NPROC of a child: threads (each pins ~30 KiB of kernel memory, beyond the address-space limit
+    # when made by a raw clone without a stack) and processes of the child's user. That user is shared:
+    # as root, every sandbox child on the host runs as nobody and they count together.
+    max_user_threads: int = 4096
     keep_output_bytes: int = 16384  # per stream: the first and last half are kept
     max_output_bytes: int = 1 << 20  # both streams together; beyond this the snippet is stopped
     replay_margin: float = 5.0  # seconds of history replay that do not count against the timeout
@@ -157,10 +163,16 @@ def _bwrap_namespace_args() -> list[str]:
     return ["--unshare-all"]  # unprivileged: a user namespace, capabilities dropped by bwrap
 
 
+# The fork server mounts its scratch tmpfs itself (bwrap's --tmpfs takes no inode cap), empties its bounding
+# set (CAP_SETPCAP) and drops both before it runs any code from site-packages. Unprivileged, they are
+# capabilities of the sandbox's own user namespace only.
+_SERVER_SETUP_CAPABILITIES = ["--cap-add", "CAP_SYS_ADMIN", "--cap-add", "CAP_SETPCAP"]
+
+
 def bwrap_command(bwrap: str, cfg: SandboxConfig, server_args: list[str]) -> list[str]:
     # No --as-pid-1: bwrap's own init holds the namespace, and it dies with bwrap (--die-with-parent) even
     # after the fork server changed credentials (which clears the server's own parent-death signal).
-    args = [bwrap, *_bwrap_namespace_args(), "--die-with-parent", "--new-session",
+    args = [bwrap, *_bwrap_namespace_args(), *_SERVER_SETUP_CAPABILITIES, "--die-with-parent", "--new-session",
             "--clearenv", "--hostname", "sandbox", "--ro-bind", "/usr", "/usr"]
     for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
         path = Path("/") / name
@@ -180,6 +192,7 @@ def bwrap_command(bwrap: str, cfg: SandboxConfig, server_args: list[str]) -> lis
     for src, dest in binds:
         args += ["--ro-bind", src, dest]
     args += ["--proc", "/proc", "--dev", "/dev"]
+    # Mount points for the server's own capped tmpfs (_scratch_mounts), themselves capped as a fallback.
     tmp_bytes = str(cfg.tmp_size_mb * 2**20)
     args += ["--perms", "1777", "--size", tmp_bytes, "--tmpfs", "/tmp",
              "--perms", "1777", "--size", tmp_bytes, "--tmpfs", "/dev/shm",
@@ -188,6 +201,10 @@ def bwrap_command(bwrap: str, cfg: SandboxConfig, server_args: list[str]) -> lis
         args += ["--setenv", key, value]
     args += ["--chdir", "/tmp"]
     return args + [_in_sandbox(sys.executable, mounts), "-S", "-B", SERVER_PATH_IN_SANDBOX, *server_args]
+
+
+def _scratch_mounts(cfg: SandboxConfig) -> list[dict]:
+    return [{"path": path, "size": cfg.tmp_size_mb * 2**20, "inodes": cfg.tmp_inodes} for path in ("/tmp", "/dev/shm")]
 
 
 def probe_bwrap(bwrap: str | None) -> str | None:
@@ -261,6 +278,7 @@ class Worker:
             "memory_mb": cfg.memory_mb,
             "file_size_mb": cfg.file_size_mb,
             "max_open_files": cfg.max_open_files,
+            "max_user_threads": cfg.max_user_threads,
             "keep_output_bytes": cfg.keep_output_bytes,
             "max_output_bytes": cfg.max_output_bytes,
             "seed": cfg.seed,
@@ -268,16 +286,16 @@ class Worker:
         }
         if self.degraded:
             self._scratch = tempfile.mkdtemp(prefix=f"mathtir-sandbox-{self.index}-")
-            server_cfg.update(workdir=self._scratch, scratch_dirs=[self._scratch], host_pid=os.getpid(),
-                              own_pid_namespace=False)
+            server_cfg.update(workdir=self._scratch, scratch_dirs=[self._scratch], scratch_mounts=[],
+                              host_pid=os.getpid(), own_pid_namespace=False)
             cmd = [os.path.realpath(sys.executable), "-S", "-B", str(SERVER_SCRIPT), json.dumps(server_cfg)]
             env = dict(SANDBOX_ENV, HOME=self._scratch, TMPDIR=self._scratch)
             self.proc = _popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                env=env, cwd=self._scratch, start_new_session=True)
         else:
             mounts = _python_mounts()
-            server_cfg.update(workdir="/tmp", scratch_dirs=["/tmp", "/dev/shm"], host_pid=None,
-                              own_pid_namespace=True,
+            server_cfg.update(workdir="/tmp", scratch_dirs=["/tmp", "/dev/shm"], scratch_mounts=_scratch_mounts(cfg),
+                              host_pid=None, own_pid_namespace=True,
                               site_dirs=[_in_sandbox(d, mounts) for d in server_cfg["site_dirs"]])
             cmd = bwrap_command(cfg.bwrap, cfg, [json.dumps(server_cfg)])
             self.proc = _popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -337,11 +355,27 @@ class Worker:
                 continue
             chunk = os.read(fd, max(need - len(self._buffer), 65536))
             if not chunk:
-                raise WorkerFailed(f"exited (code {self.proc.poll()})")
+                try:  # the exit code tells who ended it (see attempt): worth a moment's wait
+                    code = self.proc.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    code = None
+                raise WorkerFailed(f"exited (code {code})")
             self._buffer += chunk
 
     def run(self, code: str, *, timeout: float, history: Sequence[str] = ()) -> ExecResult:
         """One attempt. A dead or hung worker is restarted and the result is internal_error."""
+        return self.attempt(code, timeout=timeout, history=history)[0]
+
+    def attempt(self, code: str, *, timeout: float, history: Sequence[str] = ()) -> tuple[ExecResult, bool]:
+        """One run, and whether running the snippet again elsewhere is safe: True only when the failure
+        cannot be the snippet's doing, so that a retry can neither run it twice nor let it take down a
+        second worker.
+
+        Safe: the snippet never reached a child (the worker could not start or take the request, or the
+        child's setup failed before it got the request), or bwrap itself was killed by a signal, which only
+        the host can send (bwrap's outer process is outside the sandbox's pid namespace). Not safe: the
+        fork server died or hung while the snippet ran, whatever the cause.
+        """
         if not isinstance(code, str):
             raise TypeError(f"code must be str, got {type(code).__name__}")
         if not timeout > 0:
@@ -350,6 +384,7 @@ class Worker:
         if not all(isinstance(block, str) for block in history):
             raise TypeError("history must be a sequence of str (the trajectory's earlier code blocks)")
         cfg = self.cfg
+        sent = False
         try:
             if not self.alive:
                 self.start()
@@ -357,23 +392,28 @@ class Worker:
                        "replay_margin": cfg.replay_margin}
             self.proc.stdin.write(encode_frame(request))
             self.proc.stdin.flush()
+            sent = True
             margin = cfg.replay_margin if history else 0.0
             answer = self._read_frame(time.monotonic() + timeout + margin + cfg.supervision_grace)
         except (WorkerFailed, OSError) as exc:
             message = f"sandbox worker {self.index} failed: {exc}"
             tail = self.stderr_tail()
             log.warning("%s; restarting it%s", message, f" (stderr: {tail[-500:]})" if tail else "")
+            killed_by_host = not self.degraded and self.proc is not None and (self.proc.returncode or 0) < 0
             self.stop()
-            return ExecResult.internal_error(message, worker=self.index)
+            return ExecResult.internal_error(message, worker=self.index), not sent or killed_by_host
         self.runs += 1
-        return ExecResult(**answer, worker=self.index)
+        snippet_started = answer.pop("snippet_started")
+        return ExecResult(**answer, worker=self.index), not snippet_started
 
 
 class SandboxPool:
     """A fixed number of sandbox workers; `run` is safe from many threads, `arun` from asyncio.
 
-    A request that hits a crashed or hung worker returns internal_error and is retried once on another
-    worker; the failed worker restarts in the background. Workers restart after `recycle_after` runs.
+    A request that hits a crashed or hung worker returns internal_error; it is retried once on another
+    worker only when the snippet cannot have caused the failure (Worker.attempt), so that a snippet that
+    breaks a worker never gets a second one. The failed worker restarts in the background. Workers restart
+    after `recycle_after` runs.
     """
 
     def __init__(self, workers: int, *, memory_mb: int = 1024, allow_degraded: bool = False, **options):
@@ -429,9 +469,9 @@ class SandboxPool:
     def run(self, code: str, *, timeout: float, history: Sequence[str] = ()) -> ExecResult:
         if self.closed:
             raise RuntimeError("SandboxPool is closed")
-        result = self._run_once(code, timeout, history)
-        if result.status == "internal_error":
-            result = self._run_once(code, timeout, history)
+        result, safe_to_retry = self._run_once(code, timeout, history)
+        if result.status == "internal_error" and safe_to_retry:
+            result, _ = self._run_once(code, timeout, history)
         return result
 
     async def arun(self, code: str, *, timeout: float, history: Sequence[str] = ()) -> ExecResult:
@@ -439,10 +479,10 @@ class SandboxPool:
         return await loop.run_in_executor(self._executor, lambda: self.run(code, timeout=timeout,
                                                                            history=history))
 
-    def _run_once(self, code: str, timeout: float, history: Sequence[str]) -> ExecResult:
+    def _run_once(self, code: str, timeout: float, history: Sequence[str]) -> tuple[ExecResult, bool]:
         worker = self._idle.get()
         try:
-            result = worker.run(code, timeout=timeout, history=history)
+            result, safe_to_retry = worker.attempt(code, timeout=timeout, history=history)
         except BaseException:
             self._idle.put(worker)
             raise
@@ -453,7 +493,7 @@ class SandboxPool:
             self._restart_in_background(worker)
         else:
             self._idle.put(worker)
-        return result
+        return result, safe_to_retry
 
     def _restart_in_background(self, worker: Worker) -> None:
         def restart():

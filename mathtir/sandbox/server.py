@@ -2,12 +2,16 @@
 
     python -S -B server.py CONFIG_JSON
 
-It imports the math stack once, compiles the seccomp filter once, then serves requests read as
-length-prefixed JSON frames on fd 0 and answers on fd 1. Each request goes to a child forked ahead of
-time, which isolated itself right after the fork (new session, fds, rlimits, no privileges, seccomp);
-it replays the trajectory's earlier blocks silently and runs the new block REPL-style. The server
-enforces the wall-clock limit by waiting on the process (never on pipe EOF), caps output keeping head
-and tail, answers, then kills the child and any leftovers, wipes /tmp and forks the next child.
+It mounts its scratch tmpfs (size and inode caps), imports the math stack once, compiles the seccomp
+filter once, then forks the zygote: a copy of itself taken before any request, which from then on only
+forks children. The server serves requests read as length-prefixed JSON frames on fd 0 and answers on
+fd 1; request and output text live only in the server, never in the zygote, so no child starts with an
+earlier sample in its memory. Each request goes to a child forked ahead of time, which isolated itself
+right after the fork (new session, fds, rlimits, no privileges, seccomp) and said "ready" before it
+got the request; it replays the trajectory's earlier blocks silently and runs the new block REPL-style.
+The server enforces the wall-clock limit by waiting on the process (never on pipe EOF), caps output
+keeping head and tail, answers from the exit status once the child is gone, then kills any leftovers,
+wipes the scratch dirs and has the zygote fork the next child. docs/sandbox.md gives the threat model.
 
 The module top level uses only the standard library: the host imports it for the frame format.
 """
@@ -16,14 +20,17 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
 import sys
 from dataclasses import dataclass
 
 FRAME_HEADER = struct.Struct(">I")
+CHILD_PID = struct.Struct("=i")
 CELL_FILENAME = "<cell>"
 NOBODY = 65534
 SETUP_FAILED_EXIT = 120  # the child could not isolate itself; it never ran the snippet
+SETUP_TIMEOUT = 2.0  # seconds a spare may still need to say "ready" once its request came (it had a head start)
 
 # Linux constants (uapi; identical on x86_64, aarch64 and ppc64le).
 PR_SET_PDEATHSIG = 1
@@ -34,6 +41,16 @@ PR_SET_NO_NEW_PRIVS = 38
 PR_SET_CHILD_SUBREAPER = 36
 SECCOMP_MODE_FILTER = 2
 CLONE_THREAD = 0x00010000
+CLONE_PARENT = 0x00008000
+CLONE_NEWNS = 0x00020000
+MS_NOSUID = 2
+MS_NODEV = 4
+CAP_SETGID = 6
+CAP_SETUID = 7
+# fcntl/ioctl commands that make the kernel signal a chosen process when a file becomes ready (SIGIO, or any
+# signal with F_SETSIG): a route to other processes that the kill() family's rule cannot see.
+F_SETOWN, F_SETSIG, F_SETOWN_EX = 8, 10, 15
+FIOSETOWN, SIOCSPGRP = 0x8901, 0x8902
 SECCOMP_RET_ALLOW = 0x7FFF0000
 SECCOMP_RET_ERRNO = 0x00050000
 
@@ -75,13 +92,16 @@ def write_all(fd: int, data: bytes) -> None:
 # kernel applies the most restrictive verdict.
 
 # Denied with EPERM: new processes/programs, network sockets, tracing other processes, mounts and
-# namespaces, leaving the process group, and kernel interfaces a snippet has no business with
-# (io_uring would bypass this filter altogether).
+# namespaces, leaving the process group, memory outside the address-space limit (memfd pages and SysV
+# shared memory are charged to no rlimit; IPC objects would also outlive the child, as would POSIX message
+# queues), Linux AIO (its contexts draw on a host-wide pool, aio-max-nr, that other programs need), and
+# kernel interfaces a snippet has no business with (io_uring would bypass this filter).
 DENIED_SYSCALLS = (
     "fork", "vfork", "execve", "execveat",
     "socket",
-    "ptrace", "process_vm_readv", "process_vm_writev", "kcmp", "pidfd_open", "pidfd_getfd",
-    "pidfd_send_signal", "tkill",
+    "memfd_create", "memfd_secret", "shmget", "msgget", "semget", "mq_open", "io_setup",
+    "ptrace", "process_vm_readv", "process_vm_writev", "process_madvise", "process_mrelease", "kcmp",
+    "pidfd_open", "pidfd_getfd", "pidfd_send_signal", "tkill",
     "mount", "umount", "umount2", "pivot_root", "chroot", "unshare", "setns", "open_tree",
     "move_mount", "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr",
     "setsid", "setpgid",
@@ -119,6 +139,11 @@ def compile_main_filter() -> bytes:
     add(eperm, "clone", seccomp.Arg(0, seccomp.MASKED_EQ, CLONE_THREAD, 0))
     # clone3 passes its flags in memory, out of the filter's sight: ENOSYS makes glibc fall back to clone.
     add(seccomp.ERRNO(errno.ENOSYS), "clone3")
+    # The kernel reads these commands as 32-bit: compare the low word only, or high bits would slip past.
+    for command in (F_SETOWN, F_SETSIG, F_SETOWN_EX):
+        add(eperm, "fcntl", seccomp.Arg(1, seccomp.MASKED_EQ, 0xFFFFFFFF, command))
+    for request in (FIOSETOWN, SIOCSPGRP):
+        add(eperm, "ioctl", seccomp.Arg(1, seccomp.MASKED_EQ, 0xFFFFFFFF, request))
     for name in OTHER_PROCESS_SYSCALLS:
         add(eperm, name, seccomp.Arg(0, seccomp.NE, 0))
     add(eperm, "setpriority", seccomp.Arg(1, seccomp.NE, 0))
@@ -133,6 +158,12 @@ def signal_syscall_numbers() -> tuple[int, list[int]]:
 
     numbers = [seccomp.resolve_syscall(seccomp.Arch.NATIVE, name) for name in SIGNAL_SYSCALLS]
     return seccomp.system_arch(), [n for n in numbers if n >= 0]
+
+
+def clone_syscall_number() -> int:
+    import pyseccomp as seccomp
+
+    return seccomp.resolve_syscall(seccomp.Arch.NATIVE, "clone")
 
 
 def signal_filter(arch: int, numbers: list[int], pid: int) -> bytes:
@@ -178,11 +209,12 @@ def _load_bpf(libc, bpf: bytes) -> None:
         raise OSError(ctypes.get_errno(), "loading the seccomp filter failed")
 
 
-def _drop_capabilities(libc) -> None:
+def _drop_capabilities(libc, keep: int = 0) -> None:
+    """Effective and permitted capabilities reduced to the `keep` mask (of the first 32), none inheritable."""
     import ctypes
 
     header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
-    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable: all empty
+    data = (ctypes.c_uint32 * 6)(keep, keep)  # effective, permitted, inheritable; then the upper 32 caps
     if libc.capset(header, data) != 0:
         raise OSError(ctypes.get_errno(), "capset failed")
 
@@ -193,8 +225,8 @@ def _isolate_child(ctx: dict) -> None:
     import signal
 
     libc = ctx["libc"]
-    signal.set_wakeup_fd(-1)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for signum, handler in ctx["signal_handlers"].items():  # the server ignores most signals; the snippet
+        signal.signal(signum, handler)                       # gets Python's usual handlers back
     os.setsid()
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         raise OSError("PR_SET_PDEATHSIG failed")
@@ -203,6 +235,7 @@ def _isolate_child(ctx: dict) -> None:
     for res, value in ((resource.RLIMIT_AS, ctx["address_space"]),
                        (resource.RLIMIT_FSIZE, ctx["file_size"]),
                        (resource.RLIMIT_NOFILE, ctx["open_files"]),
+                       (resource.RLIMIT_NPROC, ctx["user_threads"]),
                        (resource.RLIMIT_CORE, 0)):
         resource.setrlimit(res, (value, value))
     _drop_capabilities(libc)
@@ -286,14 +319,21 @@ def _replay(history: list[str], namespace: dict, block_timeout: float) -> None:
 
 
 def _child_main(ctx: dict, fds: tuple[int, int, int, int]) -> None:
-    """A spare child: isolates itself right after the fork, then waits for its one request on fd 4."""
+    """A spare child: isolates itself right after the fork, says "ready" on fd 3, then waits for its one
+    request on fd 4.
+
+    Events on fd 3 before the request are trusted (no snippet code has run in this process yet); after it,
+    fd 3 is the snippet's as much as ours, so the server takes what comes from it as hints only.
+    """
     import builtins
+    import fcntl
     import io
     import random
     import resource
     import threading
 
-    out_w, err_w, status_w, request_r = fds
+    # Out of the way first: a pipe end may sit on a number that the dup2 below is about to overwrite.
+    out_w, err_w, status_w, request_r = (fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in fds)
     os.dup2(ctx["devnull"], 0)
     os.dup2(out_w, 1)
     os.dup2(err_w, 2)
@@ -313,6 +353,7 @@ def _child_main(ctx: dict, fds: tuple[int, int, int, int]) -> None:
     except BaseException as exc:  # noqa: B036
         report(event="setup_failed", error=f"{type(exc).__name__}: {exc}")
         os._exit(SETUP_FAILED_EXIT)
+    report(event="ready")
     request = read_frame(4)
     if request is None:  # the server dropped this spare
         os._exit(0)
@@ -358,8 +399,7 @@ def _child_main(ctx: dict, fds: tuple[int, int, int, int]) -> None:
         sys.stderr.flush()
     except BaseException:  # noqa: B036
         pass
-    # Output is flushed: the server may answer now, without waiting for this big process to be torn down.
-    report(event="done", exit_code=exit_code & 0xFF)
+    # No "done" event: any thread of the snippet could forge it. The server learns the end from the kernel.
     os._exit(exit_code & 0xFF)
 
 
@@ -417,13 +457,13 @@ def _kill_child(pid: int) -> None:
 
 
 def _kill_leftovers(ctx: dict) -> None:
-    """Kill and reap anything still alive. In the sandbox's pid namespace every pid but bwrap's init (1) and
-    ours is a leftover."""
+    """Kill and reap anything still alive. In the sandbox's pid namespace every pid but bwrap's init (1), ours
+    and the zygote's is a leftover."""
     import signal
 
     if ctx["own_pid_namespace"]:
         for entry in os.listdir("/proc"):
-            if entry.isdigit() and int(entry) not in (1, os.getpid()):
+            if entry.isdigit() and int(entry) not in (1, os.getpid(), ctx["zygote_pid"]):
                 try:
                     os.kill(int(entry), signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
@@ -451,12 +491,15 @@ def _wipe(path: str) -> bool:
         while True:
             with os.scandir(".") as it:
                 entries = list(it)
-            subdir = None
+            subdir = None  # one that is not empty: we go into it, then look at this directory again
             for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    subdir = entry.name
-                else:
+                if not entry.is_dir(follow_symlinks=False):
                     os.unlink(entry.name)
+                    continue
+                try:
+                    os.rmdir(entry.name)  # empty ones go at once: thousands of siblings must not cost n² scans
+                except OSError:
+                    subdir = entry.name
             if subdir is not None:
                 os.chmod(subdir, stat.S_IRWXU)
                 os.chdir(subdir)
@@ -481,51 +524,136 @@ class Child:
     stderr: int
     status: int
     request: int  # write end: the child reads its one request from here
+    reaped: bool = False
+
+
+def _fork_sibling(ctx: dict) -> int:
+    """os.fork(), except that the new process is the zygote's sibling (CLONE_PARENT): a child of the fork
+    server, which can then wait for it, read its rusage and get its SIGCHLD."""
+    import ctypes
+    import signal
+
+    api = ctypes.pythonapi
+    api.PyOS_BeforeFork()
+    # Through a PyDLL: the GIL stays held across the clone, as os.fork() does it.
+    pid = ctx["libc_holding_gil"].syscall(ctypes.c_long(ctx["clone_nr"]),
+                                          ctypes.c_long(CLONE_PARENT | signal.SIGCHLD), *(ctypes.c_long(0),) * 4)
+    if pid == 0:
+        api.PyOS_AfterFork_Child()
+    else:
+        api.PyOS_AfterFork_Parent()
+    if pid < 0:
+        raise OSError(ctypes.get_errno(), "clone failed")
+    return pid
+
+
+def _zygote_main(ctx: dict, server: socket.socket) -> None:
+    """Forks one child per byte received from the server and sends back its pid and the server's ends of its
+    pipes. The zygote was forked before the server read any request and never reads one: what it holds, and
+    every child copies, is the pristine state of the interpreter after startup."""
+    import ctypes
+    import signal
+
+    ctx["libc"].prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    for fd in ctx["server_only_fds"]:
+        os.close(fd)
+    ctx["libc_holding_gil"] = ctypes.PyDLL(None, use_errno=True)
+    ctx["libc_holding_gil"].syscall.restype = ctypes.c_long
+    while server.recv(1):
+        (out_r, out_w), (err_r, err_w), (status_r, status_w), (request_r, request_w) = (
+            os.pipe2(os.O_CLOEXEC) for _ in range(4))
+        pid = _fork_sibling(ctx)
+        if pid == 0:
+            try:
+                _child_main(ctx, (out_w, err_w, status_w, request_r))
+            finally:
+                os._exit(SETUP_FAILED_EXIT)
+        socket.send_fds(server, [CHILD_PID.pack(pid)], [out_r, err_r, status_r, request_w])
+        # Closed at once: a child's pipes must have no writer but the child, or the server's final reads
+        # would wait on a holder that is not going away.
+        for fd in (out_r, out_w, err_r, err_w, status_r, status_w, request_r, request_w):
+            os.close(fd)
+    os._exit(0)
+
+
+def start_zygote(ctx: dict) -> tuple[int, socket.socket]:
+    server_end, zygote_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:
+        server_end.close()
+        try:
+            _zygote_main(ctx, zygote_end)
+        finally:
+            os._exit(1)
+    zygote_end.close()
+    return pid, server_end
 
 
 def spawn_child(ctx: dict) -> Child:
-    """Fork the next child ahead of its request, so fork and isolation are off the request's path."""
-    out_r, out_w = os.pipe2(os.O_CLOEXEC)
-    err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    status_r, status_w = os.pipe2(os.O_CLOEXEC)
-    request_r, request_w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            _child_main(ctx, (out_w, err_w, status_w, request_r))
-        finally:
-            os._exit(SETUP_FAILED_EXIT)
-    for fd in (out_w, err_w, status_w, request_r):
-        os.close(fd)
-    return Child(pid, out_r, err_r, status_r, request_w)
+    """Have the zygote fork the next child ahead of its request, so fork and isolation are off the
+    request's path."""
+    zygote = ctx["zygote"]
+    zygote.send(b"f")
+    message, fds, _, _ = socket.recv_fds(zygote, CHILD_PID.size, 4)
+    if len(message) != CHILD_PID.size or len(fds) != 4:
+        sys.exit("mathtir sandbox: the zygote is gone")
+    return Child(CHILD_PID.unpack(message)[0], *fds)
 
 
 def finish_child(ctx: dict, child: Child) -> bool:
-    """Kill and reap the child and anything it left, wipe the scratch dirs. False if they stay dirty."""
-    _kill_child(child.pid)
+    """Kill and reap the child (if execute() did not) and anything it left, wipe the scratch dirs. False if
+    they stay dirty."""
+    if not child.reaped:
+        _kill_child(child.pid)
+        os.waitpid(child.pid, 0)
     for fd in (child.stdout, child.stderr, child.status, child.request):
         os.close(fd)
-    try:
-        os.waitpid(child.pid, 0)
-    except ChildProcessError:  # already reaped by execute()
-        pass
     _kill_leftovers(ctx)
     return all(_wipe(d) for d in ctx["scratch_dirs"])
 
 
+def _await_ready(child: Child) -> str | None:
+    """None once the spare child said "ready", else why it never will. Nothing but our own code has run in
+    the child yet, so what it says here can be believed."""
+    import select
+
+    poller = select.poll()
+    poller.register(child.status, select.POLLIN)
+    said = b""
+    while b"\n" not in said:
+        if not poller.poll(SETUP_TIMEOUT * 1000):
+            return f"no word from the child in {SETUP_TIMEOUT:g} s"
+        chunk = os.read(child.status, 4096)
+        if not chunk:
+            return "the child exited during setup"
+        said += chunk
+    event = json.loads(said.partition(b"\n")[0])
+    return None if event["event"] == "ready" else event.get("error", repr(event))
+
+
 def execute(ctx: dict, child: Child, request: dict) -> dict:
-    """Hand the request to the waiting child and supervise it until it is done, dead or stopped."""
+    """Hand the request to the waiting child and supervise it until it exits or is stopped.
+
+    Trusted: the child's "ready" (before the request), its wait status and rusage (from the kernel), the
+    clock and the byte counts. Everything the child writes after the request (output, and the "replayed"
+    and "error" hints on fd 3) comes from the snippet's process and is treated as the snippet's own words.
+    """
     import select
     import signal
     import time
 
+    setup_problem = _await_ready(child)
+    if setup_problem is not None:
+        # The snippet never reached a child: the caller may safely run it again elsewhere.
+        return {"status": "internal_error", "error": f"sandbox child setup failed: {setup_problem}",
+                "snippet_started": False}
     timeout = float(request["timeout"])
     margin = float(request["replay_margin"]) if request["history"] else 0.0
     keep, max_output = ctx["keep_output_bytes"], ctx["max_output_bytes"]
     start = time.monotonic()
     try:
         write_all(child.request, encode_frame(request))
-    except BrokenPipeError:  # the spare died while waiting: its status says why
+    except BrokenPipeError:  # the spare died after "ready": the wait status says how
         pass
 
     # Replay time is free up to the margin; beyond it, it eats into the new block's budget.
@@ -542,31 +670,34 @@ def execute(ctx: dict, child: Child, request: dict) -> dict:
         poller.register(fd, select.POLLIN)
     open_fds = {child.stdout, child.stderr, child.status}
     exited = None  # (wait status, rusage) once reaped
-    done = None  # the child's own "done" event: output flushed, exit code known
 
     def output_total() -> int:
         return sum(c.total for c in captures.values())
 
-    def read_available(fd: int) -> None:
-        while True:
+    def read_available(fd: int) -> bool:
+        """Take what the pipe holds, 16 reads at most; True if there may be more. Bounded: a child that
+        writes fd 3 as fast as we read it (no output limit counts that channel) must not keep the loop
+        from the clock."""
+        for _ in range(16):
             try:
                 data = os.read(fd, 65536)
             except BlockingIOError:
-                return
+                return False
             if not data:
                 poller.unregister(fd)
                 open_fds.discard(fd)
-                return
+                return False
             if fd == child.status:
                 if len(status_buf) < 65536:
                     status_buf.extend(data)
             else:
                 captures[fd].feed(data)
                 if output_total() > max_output:
-                    return
+                    return False
+        return True
 
     def parse_status() -> None:
-        nonlocal replay_ms, deadline, done
+        nonlocal replay_ms, deadline
         while b"\n" in status_buf:
             line, _, rest = bytes(status_buf).partition(b"\n")
             status_buf[:] = rest
@@ -574,18 +705,17 @@ def execute(ctx: dict, child: Child, request: dict) -> dict:
                 event = json.loads(line)
             except (ValueError, RecursionError):  # the snippet can write anything to fd 3
                 continue
-            # Only well-formed events count: the snippet can forge these lines, but must not crash us.
+            # Hints only, which a snippet can forge without gaining anything: "replayed" can only bring the
+            # deadline forward (never past start + timeout + margin), and "error" is the snippet's own words.
             kind = event.get("event") if isinstance(event, dict) else None
             if kind == "replayed" and replay_ms is None:
                 now = time.monotonic()
                 replay_ms = (now - start) * 1000
                 deadline = min(now + timeout, hard_deadline)
-            elif kind == "done" and type(event.get("exit_code")) is int and 0 <= event["exit_code"] < 256:
-                done = event
-            elif kind in ("error", "setup_failed") and isinstance(event.get("error"), str):
+            elif kind == "error" and isinstance(event.get("error"), str):
                 events.append({"event": kind, "error": event["error"][:2000]})
 
-    while exited is None and done is None:
+    while exited is None:
         for fd, _ in poller.poll(max(deadline - time.monotonic(), 0) * 1000):
             if fd == ctx["wakeup_r"]:
                 try:
@@ -606,12 +736,14 @@ def execute(ctx: dict, child: Child, request: dict) -> dict:
             _kill_child(child.pid)
             _, wait_status, rusage = os.wait4(child.pid, 0)
             exited = (wait_status, rusage)
+    child.reaped = True
     wall_ms = (time.monotonic() - start) * 1000
-    # Everything the child wrote before "done" or its death is in the pipes now (no fork was allowed,
-    # so only the child held their write ends, and it is finished or dead): take it.
+    # Everything the child wrote is in the pipes now (no fork was allowed and the zygote closed its copies,
+    # so only the child held their write ends, and it is dead): take it.
     for fd in list(open_fds):
         if verdict != "output_limit" or fd == child.status:
-            read_available(fd)
+            while read_available(fd):
+                pass
     parse_status()
 
     out, err = captures[child.stdout], captures[child.stderr]
@@ -620,12 +752,10 @@ def execute(ctx: dict, child: Child, request: dict) -> dict:
         "stdout_dropped": out.dropped, "stderr_dropped": err.dropped,
         "truncated": bool(out.dropped or err.dropped or verdict == "output_limit"),
         "wall_ms": wall_ms, "replay_ms": replay_ms,
-        "exit_code": None, "signal": None, "error": None,
+        "exit_code": None, "signal": None, "error": None, "snippet_started": True,
     }
     cpu_seconds = cpu_limit(request)
-    if exited is None:
-        result["exit_code"] = done["exit_code"]
-    elif os.WIFSIGNALED(exited[0]):
+    if os.WIFSIGNALED(exited[0]):
         result["signal"] = os.WTERMSIG(exited[0])
     else:
         result["exit_code"] = os.WEXITSTATUS(exited[0])
@@ -642,8 +772,6 @@ def execute(ctx: dict, child: Child, request: dict) -> dict:
             result.update(status="timeout", error=f"Timeout: exceeded the {cpu_seconds} s CPU limit")
         else:
             result.update(status="killed", error=f"Killed by signal {signal.Signals(sig).name}")
-    elif result["exit_code"] == SETUP_FAILED_EXIT and events and events[-1]["event"] == "setup_failed":
-        result.update(status="internal_error", error="sandbox child setup failed: " + events[-1]["error"])
     elif result["exit_code"] == 0:
         result["status"] = "ok"
     else:
@@ -680,17 +808,61 @@ def _warm_up_sympy(sp) -> None:
     sp.nsolve(x**2 - 2, x, 1)
 
 
-def _drop_privileges(libc, uid: int) -> None:
-    for cap in range(64):  # empty the bounding set while we may (needs CAP_SETPCAP; else a no-op)
+def _empty_bounding_set(libc) -> None:
+    """No capability can come back, even through an exec of a setuid or file-capability program (needs
+    CAP_SETPCAP; without it, a no-op)."""
+    for cap in range(64):
         libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
+
+
+def _drop_privileges(libc, uid: int) -> None:
+    _empty_bounding_set(libc)
     os.setgroups([])
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)
     _drop_capabilities(libc)
 
 
+def _mount_scratch(libc, mounts: list[dict]) -> None:
+    """Fresh tmpfs over each scratch dir, capped in bytes AND in inodes: every file, directory and link pins
+    about 1 KiB of kernel memory that no rlimit counts, and bwrap's own --tmpfs cannot cap the count."""
+    import ctypes
+
+    # A mount namespace of our own first: unprivileged, bwrap leaves us in a user namespace nested below the
+    # one that owns its mount namespace, and CAP_SYS_ADMIN does not reach up there.
+    if libc.unshare(CLONE_NEWNS) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS) failed")
+    for mount in mounts:
+        options = f"mode=1777,size={mount['size']},nr_inodes={mount['inodes']}".encode()
+        if libc.mount(b"tmpfs", mount["path"].encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options) != 0:
+            raise OSError(ctypes.get_errno(), f"mounting the scratch tmpfs on {mount['path']} failed")
+
+
+def _ignore_signals(signal) -> dict:
+    """Ignore every signal a process may ignore, but SIGCHLD and the faults; return the handlers they had.
+
+    Defence in depth: seccomp denies every known route from a snippet to another process, and a route we
+    do not know of could then still only stop or kill the server (SIGSTOP, SIGKILL), not interrupt it."""
+    kept = {signal.SIGKILL, signal.SIGSTOP, signal.SIGCONT, signal.SIGCHLD, signal.SIGSEGV, signal.SIGBUS,
+            signal.SIGFPE, signal.SIGILL, signal.SIGTRAP, signal.SIGABRT, signal.SIGSYS}
+    handlers = {}
+    for signum in signal.valid_signals() - kept:
+        try:
+            handlers[signum] = signal.signal(signum, signal.SIG_IGN)
+        except (OSError, ValueError):  # reserved by the C library
+            pass
+    return handlers
+
+
+def _within_hard_limit(resource, limit: int, wanted: int) -> int:
+    """`wanted`, or less if the hard limit we inherited is lower (a child cannot raise it)."""
+    hard = resource.getrlimit(limit)[1]
+    return wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+
+
 def main() -> None:
     import ctypes
+    import fcntl  # noqa: F401 — imported once here for every child (_child_main)
     import gc
     import importlib
     import resource
@@ -698,11 +870,18 @@ def main() -> None:
     import site
 
     config = json.loads(sys.argv[1])
+    signal_handlers = _ignore_signals(signal)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if config["scratch_mounts"]:
+        _mount_scratch(libc, config["scratch_mounts"])
+        _empty_bounding_set(libc)
+        # CAP_SYS_ADMIN and CAP_SETPCAP were lent for the two steps above: gone before any site-packages code.
+        _drop_capabilities(libc, keep=(1 << CAP_SETUID | 1 << CAP_SETGID) if config["drop_to_uid"] is not None
+                           else 0)
     proto_in, proto_out = os.dup(0), os.dup(1)
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(2, 1)  # stray prints (warnings, library chatter) must not corrupt the protocol
-    libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if config["host_pid"] and os.getppid() != config["host_pid"]:
         sys.exit("mathtir sandbox: the host process is gone")
@@ -728,8 +907,6 @@ def main() -> None:
 
     # SIGCHLD wakes the poll loop the moment a child exits (no pidfd needed: works on old kernels).
     wakeup_r, wakeup_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-    signal.set_wakeup_fd(wakeup_w, warn_on_full_buffer=False)
-    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
 
     with open("/proc/self/statm") as f:
         vm_bytes = int(f.read().split()[0]) * resource.getpagesize()
@@ -737,20 +914,28 @@ def main() -> None:
         "libc": libc,
         "devnull": devnull,
         "wakeup_r": wakeup_r,
+        "server_only_fds": (proto_in, proto_out, wakeup_r, wakeup_w),
+        "signal_handlers": signal_handlers,
         "main_filter": main_filter,
         "signal_syscalls": signal_syscalls,
+        "clone_nr": clone_syscall_number(),
         "workdir": config["workdir"],
         "scratch_dirs": config["scratch_dirs"],
         "own_pid_namespace": config["own_pid_namespace"],
         "address_space": vm_bytes + config["memory_mb"] * 2**20,
         "file_size": config["file_size_mb"] * 2**20,
         "open_files": config["max_open_files"],
+        "user_threads": _within_hard_limit(resource, resource.RLIMIT_NPROC, config["max_user_threads"]),
         "keep_output_bytes": config["keep_output_bytes"],
         "max_output_bytes": config["max_output_bytes"],
         "max_fd": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
         "seed": config["seed"],
     }
     gc.freeze()  # objects imported so far stay shared with every forked child instead of being copied
+    # Before the first request: the zygote, and so every child, never holds a request or its output.
+    ctx["zygote_pid"], ctx["zygote"] = start_zygote(ctx)
+    signal.set_wakeup_fd(wakeup_w, warn_on_full_buffer=False)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     child = spawn_child(ctx)
     write_all(proto_out, encode_frame({"ready": True, "pid": os.getpid(), "vm_bytes": vm_bytes}))
     while True:
