@@ -132,9 +132,10 @@ def test_prepare_counts_every_step_and_shards_hold_the_exact_texts(recipe, smoll
     report = (out / "report.md").read_text()
     for reason in EXPECTED_DROPS:
         assert reason.replace("_", " ") in report
-    assert manifest["decontamination"]["hits"] == [{"location": contaminated["location"],
-                                                    "eval": contaminated["detail"]}]
-    assert f"- {contaminated['location']}: eval.jsonl:e1" in report
+    assert manifest["decontamination"]["hits"] == [{"location": contaminated["location"], "eval_set": "eval.jsonl",
+                                                    "eval_id": "e1", "overlap": 1.0, "kind": "ngram", "score": 1.0}]
+    assert manifest["decontamination"]["by_kind"] == {"ngram": 1}
+    assert f"| {contaminated['location']} | eval.jsonl:e1 | ngram | 1.00 | 1.00 |" in report
 
 
 def test_same_seed_gives_byte_identical_shards_also_through_array_parts(recipe, tmp_path):
