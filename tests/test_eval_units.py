@@ -84,6 +84,64 @@ def test_cli_rejects_bad_data_before_any_sampling(tmp_path):
     assert time.monotonic() - started < 60
 
 
+def test_json_arrays_parquet_and_hf_datasets_load_alike_and_category_is_optional(tmp_path):
+    import datasets
+
+    rows = [{k: v for k, v in r.items() if k != "category"} for r in GOOD]  # no category at all
+    expected = [("p1", "1+1は?", "2", None), ("7", "2+3?", "5", None)]
+    (tmp_path / "a.json").write_text(json.dumps(rows, ensure_ascii=False, indent=2))
+    columnar = [{k: str(v) for k, v in r.items()} for r in rows]  # one type per column
+    pq.write_table(pa.Table.from_pylist(columnar), tmp_path / "a.parquet")
+    datasets.Dataset.from_list(columnar).save_to_disk(str(tmp_path / "hf"))
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(columnar[:1])}).save_to_disk(str(tmp_path / "dd"))
+    for source in ("a.json", "a.parquet", "hf", "dd/test"):
+        problems = load_problems(tmp_path / source)
+        assert [(p.id, p.problem, p.expected_answer, p.category) for p in problems] == expected[:len(problems)]
+    # one row with a category, one without (absent or null): only the present one is a category
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [GOOD[0], {**GOOD[1], "category": None}])
+    assert [p.category for p in load_problems(mixed)] == ["中1", None]
+    with pytest.raises(DataError, match=r"dd: a DatasetDict with splits test; point at one split's subdirectory"):
+        load_problems(tmp_path / "dd")
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (json.dumps({"problems": GOOD}), r"x\.json:1: missing field 'id' \(fields present: problems\)"),
+    ('[{"id": "a", "problem": "q", "expected_answer": "1"},\n 42]', r"x\.json:2 \(item 2\): expected a JSON object, got int"),
+    ('[{"id": "a", "problem": "q", "expected_answer": "1"}\n {"id": "b"}]', r"x\.json:2: malformed JSON \(expected ',' or ']' after item 1\); expected a JSON array of objects"),
+    ('[{"id": "a", "problem": "q", "expected_answer": "1"},', r"x\.json: malformed JSON \(the array is never closed"),
+    ("[\n" + "[" * 200_000 + "]" * 200_000 + "]", r"x\.json:2 \(item 1\): JSON nested too deeply"),
+], ids=["object-not-array", "item-not-object", "missing-comma", "unclosed", "deep"])
+def test_bad_json_files_say_what_was_expected(tmp_path, content, message):
+    (tmp_path / "x.json").write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_problems(tmp_path / "x.json")
+
+
+def test_a_json_array_named_jsonl_gets_a_hint(tmp_path):
+    (tmp_path / "x.jsonl").write_text(json.dumps(GOOD, indent=1))
+    with pytest.raises(DataError, match=r"x\.jsonl:1: malformed JSON .*this looks like a JSON array: name the file "
+                                        r"\.json"):
+        load_problems(tmp_path / "x.jsonl")
+    with pytest.raises(DataError, match=r"x\.txt: cannot tell the format from the name; expected JSON Lines"):
+        load_problems(write_jsonl(tmp_path / "x.txt", GOOD))
+
+
+def run_cli(tmp_path: Path, data: Path, out: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, RAY_ADDRESS="127.0.0.1:1", RAY_AUTH_MODE="disabled")
+    return subprocess.run([sys.executable, "ray_eval/run.py", "--model", str(tmp_path), "--data", str(data),
+                           "--output", str(out), "--backend", "openai", "--api-model", "m"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_refuses_json_nested_too_deeply_naming_file_and_line(tmp_path):
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text(json.dumps(GOOD[0]) + "\n" + "[" * 200_000 + "]" * 200_000 + "\n")
+    proc = run_cli(tmp_path, deep, tmp_path / "out")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"error: {deep}:2: JSON nested too deeply" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 # -- records -------------------------------------------------------------------------------------------------
 
 def make_record(pid: str, index: int, answer: str | None = "1", correct: bool = True, **over) -> SampleRecord:
@@ -121,6 +179,38 @@ def test_records_refuse_corrupt_and_duplicate_lines(tmp_path):
     path.write_text(f"{good}\n{good}\n")
     with pytest.raises(RecordsError, match=r"records\.jsonl:2: duplicate record for problem 'a' sample 0"):
         RecordStore(path)
+
+
+def test_records_refuse_a_non_utf8_byte_and_wrong_field_types_on_resume(tmp_path):
+    path = tmp_path / "records.jsonl"
+    good = json.dumps(dataclasses.asdict(make_record("a", 0)))
+    path.write_bytes(good.encode() + b"\n" + good.replace('"t a 0"', '"t \\u00e9"').encode().replace(b"\\u00e9", b"\xe9")
+                     + b"\n")
+    with pytest.raises(RecordsError, match=r"records\.jsonl:2: unreadable record \(non-UTF-8 byte 0xe9 at byte \d+"):
+        RecordStore(path)
+    # sample 0 stored as "0" would load as another key than (a, 0), and that sample would be generated again
+    for field, value, wanted in (("sample_index", "0", "int"), ("correct", 1, "bool"), ("answer", 3, "str or null"),
+                                 ("generated_tokens", True, "int"), ("generation_s", "0.5", "int or float")):
+        row = {**dataclasses.asdict(make_record("a", 1)), field: value}
+        path.write_text(f"{good}\n{json.dumps(row)}\n")
+        with pytest.raises(RecordsError, match=rf"records\.jsonl:2: field '{field}': must be {wanted}, got"):
+            RecordStore(path)
+
+
+def test_cli_refuses_bad_records_on_resume_with_status_2(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", GOOD)
+    out = tmp_path / "out"
+    out.mkdir()
+    row = {**dataclasses.asdict(make_record("p1", 0)), "sample_index": "0"}
+    (out / "records.jsonl").write_bytes(json.dumps(row).encode() + b"\n")
+    proc = run_cli(tmp_path, data, out)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"error: {out / 'records.jsonl'}:1: field 'sample_index': must be int, got str" in proc.stderr
+    (out / "records.jsonl").write_bytes(json.dumps(dataclasses.asdict(make_record("p1", 0))).encode()[:-2]
+                                        + b'\xff"}\n')
+    proc = run_cli(tmp_path, data, out)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"error: {out / 'records.jsonl'}:1: unreadable record (non-UTF-8 byte 0xff" in proc.stderr
 
 
 def test_records_written_before_answer_source_existed_still_resume(tmp_path):

@@ -14,6 +14,7 @@ from mathtir.files import atomic_write_text
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 PLOTS_DIR = "plots"
+NO_CATEGORY = "(no category)"
 # Fonts that draw Japanese category names (中1, 数学I・A); without one the bars are labelled C1, C2, ...
 CJK_FONTS = ("Noto Sans CJK JP", "Noto Sans JP", "IPAexGothic", "IPAGothic", "TakaoGothic", "VL Gothic",
              "Source Han Sans JP", "Hiragino Sans", "Yu Gothic", "MS Gothic")
@@ -53,7 +54,10 @@ def write_results(output: Path, problems: list[Problem], records: list[SampleRec
         by_problem.setdefault(record.problem_id, []).append(record)
     samples = {pid: [JudgedSample(r.answer, r.correct) for r in sorted(rs, key=lambda r: r.sample_index)]
                for pid, rs in by_problem.items()}
-    metrics = score_problems(samples, [p.id for p in problems], {p.id: p.category for p in problems}, seed=args.seed)
+    # Per-category figures when the data has categories; a problem without one is listed as such there.
+    categories = ({p.id: p.category or NO_CATEGORY for p in problems}
+                  if any(p.category is not None for p in problems) else None)
+    metrics = score_problems(samples, [p.id for p in problems], categories, seed=args.seed)
     metrics["run"] = {**run_stats, **sample_statistics(records)}
     atomic_write_text(output / METRICS_FILE, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     plots = write_plots(output / PLOTS_DIR, metrics)
