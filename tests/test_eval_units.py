@@ -257,6 +257,47 @@ def test_report_writes_metrics_tables_and_plots(tmp_path):
     assert metrics["per_problem"]["p2"]["num_no_answer"] == 1
 
 
+def test_curves_read_accuracy_at_smaller_budgets_and_execution_limits_off_the_records(tmp_path):
+    from mathtir.eval.problems import Problem
+
+    problems = [Problem("p1", "q", "2"), Problem("p2", "q", "5"), Problem("p3", "q", "7")]
+    gold = {"p1": "2", "p2": "5", "p3": "7"}
+    # per sample: (answer, response tokens = generated + inserted, code executions)
+    samples = {"p1": [("2", 10, 0), ("2", 40, 2), ("3", 20, 1)],
+               "p2": [("5", 60, 1), ("5", 50, 2), ("4", 8, 0)],
+               "p3": [("7", 30, 1), ("7", 30, 1), ("7", 30, 1)]}
+    records = [make_record(pid, i, answer=a, correct=a == gold[pid], generated_tokens=t - 4, inserted_tokens=4,
+                           code_rounds=rounds)
+               for pid, rows in samples.items() for i, (a, t, rounds) in enumerate(rows)]
+    args = Namespace(model="m", api_model=None, backend="hf", prompt_template="chat", dialect="tir", data="d.jsonl",
+                     max_tokens=64, max_code_executions=2, temperature=0.7, top_p=0.95, seed=0)
+    metrics = write_results(tmp_path, problems, records, args=args, run_stats={"wall_s": 1.0})
+    assert "per_category" not in metrics  # no categories in the data: overall figures only
+
+    def point(key, setting, value):
+        (p,) = [p for p in metrics["curves"][key] if p[setting] == value]
+        return p["majority"]["accuracy"], p["pass"]["accuracy"], p["samples_within"]
+
+    budgets = [p["max_tokens"] for p in metrics["curves"]["token_budget"]]
+    assert budgets == [4, 8, 16, 24, 32, 40, 48, 56, 64]
+    # B=16: p1 keeps "2" only, p2 keeps the wrong "4", p3 nothing
+    assert point("token_budget", "max_tokens", 16) == pytest.approx((1 / 3, 1 / 3, 2 / 9))
+    # B=32: p1 "2" vs "3" ties (0.5), p2 still "4", p3 everything
+    assert point("token_budget", "max_tokens", 32) == pytest.approx((0.5, 2 / 3, 6 / 9))
+    assert point("token_budget", "max_tokens", 4) == pytest.approx((0, 0, 0))
+    assert point("code_executions", "max_code_executions", 0) == pytest.approx((1 / 3, 1 / 3, 2 / 9))
+    assert point("code_executions", "max_code_executions", 1) == pytest.approx((2 / 3, 1, 7 / 9))
+    # at the run's own settings the curves end at the run's figures
+    for key, setting, value in (("token_budget", "max_tokens", 64), ("code_executions", "max_code_executions", 2)):
+        assert point(key, setting, value) == pytest.approx(
+            (metrics["majority@k"]["3"]["accuracy"], metrics["pass@k"]["3"]["accuracy"], 1.0))
+    report = (tmp_path / "report.md").read_text()
+    assert "## Accuracy vs token budget (from the recorded trajectories, no re-sampling)" in report
+    assert "| 32 | 50.0% [" in report and "## Accuracy vs code executions" in report
+    for png in ("plots/accuracy_vs_token_budget.png", "plots/accuracy_vs_code_executions.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in report
+
+
 class ScriptedSampler:
     """A text sampler replaying fixed model turns, for exercising the loop's bookkeeping around real code
     execution; the real backends are tested in test_eval_job.py."""
