@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from pathlib import Path
@@ -164,11 +165,24 @@ def render_report(metrics: dict, *, args, plots: list[Path]) -> str:
     return "\n".join(lines)
 
 
+@functools.cache
 def _cjk_font() -> str | None:
     from matplotlib import font_manager
 
-    available = {f.name for f in font_manager.fontManager.ttflist}
-    return next((name for name in CJK_FONTS if name in available), None)
+    manager = font_manager.fontManager
+    found = next((name for name in CJK_FONTS if name in {f.name for f in manager.ttflist}), None)
+    if found is None:
+        # matplotlib caches its font list once per version: a font installed later (quickstart.sh installs
+        # one) stays unknown to it until added, and the plots would fall back to C1, C2, ...
+        known = {f.fname for f in manager.ttflist}
+        for path in font_manager.findSystemFonts():
+            if path not in known:
+                try:
+                    manager.addfont(path)
+                except (OSError, RuntimeError, ValueError):  # a file FreeType cannot read: not a font for us
+                    continue
+        found = next((name for name in CJK_FONTS if name in {f.name for f in manager.ttflist}), None)
+    return found
 
 
 def category_labels(names: list[str]) -> list[str]:
