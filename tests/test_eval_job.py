@@ -312,7 +312,8 @@ def test_readme_ray_job_submit_runs_as_typed(ray_head, tir_tiny_dir, tmp_path):
     (submit / "runs" / "eval" / "earlier").mkdir(parents=True)
     (submit / "runs" / "eval" / "earlier" / "records.jsonl").write_bytes(os.urandom(1 << 20))
     write_data(submit / "dev.jsonl")
-    env = {**ray_head.env, "RAY_ADDRESS": ray_head.dashboard_url}
+    # .rayignore alone keeps run outputs out (Ray reads .gitignore too unless told not to, as here)
+    env = {**ray_head.env, "RAY_ADDRESS": ray_head.dashboard_url, "RAY_RUNTIME_ENV_IGNORE_GITIGNORE": "1"}
     small = " --samples 2 --max-tokens 64 --max-code-executions 1 --prompt-template chat --sandbox-workers 1 " \
             "--no-progress"
     proc = subprocess.run(["bash", "-c", readme_submit_block() + small], cwd=submit, env=env, capture_output=True,
