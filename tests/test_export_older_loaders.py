@@ -100,3 +100,17 @@ def test_transformers_457_reads_the_export_as_the_source(old_loader_python, smol
     assert diff <= tolerance, f"logits differ by {diff} > {tolerance}"
     assert "tokenizer_error" not in old, old["tokenizer_error"]
     assert old["tokens"] == [tokenizer.encode(text) for text in TEXTS]
+
+
+def test_config_fields_for_both_loader_lines_from_either_spelling():
+    from mathtir.convert.exporter import loader_portable_config
+
+    v5 = {"rope_parameters": {"rope_type": "default", "rope_theta": 100000.0}, "dtype": "bfloat16"}
+    config = loader_portable_config(v5, torch.bfloat16)
+    assert (config["rope_theta"], config["rope_scaling"], config["torch_dtype"], config["dtype"]) == (
+        100000.0, None, "bfloat16", "bfloat16")
+    # a 4.x config with the older "type" key keeps its scaling for 4.x and gains rope_parameters for 5
+    v4 = {"rope_theta": 500000.0, "rope_scaling": {"type": "linear", "factor": 2.0}, "torch_dtype": "float32"}
+    config = loader_portable_config(v4, torch.float32)
+    assert config["rope_scaling"] == {"type": "linear", "factor": 2.0}
+    assert config["rope_parameters"] == {"type": "linear", "factor": 2.0, "rope_theta": 500000.0}

@@ -90,7 +90,8 @@ def loader_portable_config(hf_config: dict, dtype: torch.dtype) -> dict:
     config["rope_parameters"] = rope
     config["rope_theta"] = rope["rope_theta"]
     scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-    config["rope_scaling"] = None if scaling.get("rope_type", "default") == "default" else scaling
+    kind = scaling.get("rope_type", scaling.get("type", "default"))  # "type": the older spelling
+    config["rope_scaling"] = None if kind == "default" else scaling
     config["dtype"] = config["torch_dtype"] = HF_DTYPE_NAMES[dtype]
     return config
 
