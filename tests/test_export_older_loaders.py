@@ -100,6 +100,12 @@ def test_transformers_457_reads_the_export_as_the_source(old_loader_python, smol
     assert diff <= tolerance, f"logits differ by {diff} > {tolerance}"
     assert "tokenizer_error" not in old, old["tokenizer_error"]
     assert old["tokens"] == [tokenizer.encode(text) for text in TEXTS]
+    # and transformers 5 still reads the exported tokenizer as the source's
+    exported = AutoTokenizer.from_pretrained(tmp_path / "export")
+    assert [exported.encode(text) for text in TEXTS] == old["tokens"]
+    messages = [{"role": "user", "content": "1+1は?"}]
+    assert (exported.apply_chat_template(messages, tokenize=False)
+            == tokenizer.apply_chat_template(messages, tokenize=False))
 
 
 def test_config_fields_for_both_loader_lines_from_either_spelling():
