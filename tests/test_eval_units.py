@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -131,6 +132,21 @@ def run_cli(tmp_path: Path, data: Path, out: Path) -> subprocess.CompletedProces
     return subprocess.run([sys.executable, "ray_eval/run.py", "--model", str(tmp_path), "--data", str(data),
                            "--output", str(out), "--backend", "openai", "--api-model", "m"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_refuses_a_non_utf8_byte_naming_file_line_and_byte(tmp_path):
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_bytes(json.dumps(GOOD[0]).encode() + b"\n" + json.dumps(GOOD[1]).encode().replace(b"2+3", b"2\xfe3")
+                      + b"\n")
+    array = tmp_path / "d.json"
+    array.write_bytes(b"[\n" + json.dumps(GOOD[0]).encode() + b",\n" + json.dumps(GOOD[1]).encode().replace(
+        b"2+3", b"2\xfe3") + b"\n]\n")
+    for data, line in ((jsonl, 2), (array, 3)):
+        proc = run_cli(tmp_path, data, tmp_path / "out")
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert re.search(rf"error: {re.escape(str(data))}:{line}: non-UTF-8 byte 0xfe at byte \d+ of the line",
+                         proc.stderr), proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
 
 
 def test_a_submitted_job_refuses_relative_paths_naming_the_fix(tmp_path):
