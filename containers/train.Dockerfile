@@ -6,11 +6,13 @@ FROM ${BASE}
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
 WORKDIR /opt/mathtir
 COPY pyproject.toml README.md ./
+COPY containers/constraints.txt ./containers/constraints.txt
 COPY mathtir ./mathtir
-# The container's torch must stay: install the extras without letting pip touch torch.
+# The container's torch must stay: install the train extra's packages without letting pip touch torch, at
+# the versions CI tests (constraints.txt; transformers and datasets are this image's own pins).
 RUN pip install --no-deps -e . \
- && pip install "megatron-core>=0.16.1" "transformers>=4.51" safetensors omegaconf psutil gguf accelerate \
-        pyarrow tensorboard "math-verify==0.9.0" pyseccomp
+ && pip install -c containers/constraints.txt "megatron-core==0.16.1" "transformers==5.24.0" "datasets==5.2.0" \
+        omegaconf psutil pyarrow tensorboard tqdm "math-verify==0.9.0" sympy mpmath pyseccomp
 COPY convert ./convert
 COPY nemo_configs ./nemo_configs
 COPY slurm ./slurm

@@ -23,3 +23,17 @@ def load_tokenizer(path: str | Path, *, require_fast: bool = False):
     if require_fast and not getattr(tokenizer, "is_fast", False):
         raise DataError(f"{path}: a fast (Rust) tokenizer is needed; this directory has no tokenizer.json")
     return tokenizer
+
+
+# Tokenizer classes only transformers 5 knows, and the 4.x class that loads the same tokenizer.json.
+_V5_ONLY_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def portable_tokenizer_config(config: dict) -> dict:
+    """tokenizer_config.json that transformers 4.x loads too: transformers 5 saves fast tokenizers as
+    `TokenizersBackend`, a class 4.x does not have ("Tokenizer class TokenizersBackend does not exist");
+    `PreTrainedTokenizerFast` reads the same tokenizer.json in both."""
+    config = dict(config)
+    if config.get("tokenizer_class") in _V5_ONLY_CLASSES:
+        config["tokenizer_class"] = _V5_ONLY_CLASSES[config["tokenizer_class"]]
+    return config

@@ -6,9 +6,18 @@
 #   MATHTIR_ROOT             repository root (default: the sbatch submit directory, else this file's parent)
 #   MATHTIR_PYTHON           interpreter (default: <root>/.venv/bin/python outside a container, else python3)
 #   MATHTIR_NPROC_PER_NODE   ranks per node (default: GPUs on the node; 2 on a CPU-only machine)
-#   MATHTIR_CONTAINER_IMAGE  container to run in; MATHTIR_CONTAINER_RUNTIME=pyxis|apptainer (default: apptainer
-#                            for a *.sif path, else pyxis); MATHTIR_CONTAINER_MOUNTS extra pyxis mounts
+#   MATHTIR_CONTAINER_IMAGE  container every step runs in (containers/: the train image for data, convert and
+#                            train jobs, the eval image for eval.sh); MATHTIR_CONTAINER_RUNTIME=pyxis|apptainer
+#                            (default: apptainer for a *.sif path, else pyxis); MATHTIR_CONTAINER_MOUNTS extra
+#                            pyxis mounts
 # shellcheck shell=bash
+
+# The image is MATHTIR_CONTAINER_IMAGE and nothing else: a bare CONTAINER_IMAGE (an older spelling in the docs)
+# would otherwise be ignored and the job would run on the host without a word.
+if [ -n "${CONTAINER_IMAGE:-}" ] && [ -z "${MATHTIR_CONTAINER_IMAGE:-}" ]; then
+  echo "mathtir: CONTAINER_IMAGE is set but the scripts read MATHTIR_CONTAINER_IMAGE; set that instead" >&2
+  exit 2
+fi
 
 MATHTIR_ROOT=${MATHTIR_ROOT:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}
 cd "$MATHTIR_ROOT" || { echo "mathtir: cannot cd to $MATHTIR_ROOT (set MATHTIR_ROOT)" >&2; exit 1; }

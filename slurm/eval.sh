@@ -5,13 +5,18 @@
 #SBATCH --time=04:00:00
 #SBATCH --output=runs/slurm-eval-%j.out
 #
-# Majority-vote TIR evaluation on a Ray cluster started inside this allocation:
-#   sbatch --nodes=3 --gpus-per-node=8 slurm/eval.sh --model ckpt/hf --data test.jsonl --output runs/eval
+# Majority-vote TIR evaluation on a Ray cluster started inside this allocation. Samplers need GPUs, the
+# sandboxes only CPUs, so ask for GPU nodes and CPU nodes separately, as a heterogeneous job (no GPU idles):
+#   sbatch --nodes=1 --gpus-per-node=8 : --nodes=2 --partition=cpu --gpus-per-node=0 \
+#     slurm/eval.sh --model "$PWD/ckpt/hf" --data "$PWD/test.jsonl" --output "$PWD/runs/eval"
 # Everything after the script name goes to ray_eval/run.py (see `python ray_eval/run.py --help`).
 #
-# The first EVAL_GPU_NODES nodes (default: 1) host the sampler actors with their GPUs; the remaining nodes
-# host the sandbox actors (custom resource "sandbox", EVAL_SANDBOX_PER_NODE units each). With a single node
-# it hosts both. The Ray head runs on the first node; its dashboard / Jobs API binds to that node's internal
+# In a heterogeneous job the first component's nodes host the sampler actors with their GPUs and the other
+# components' nodes the sandbox actors (custom resource "sandbox", EVAL_SANDBOX_PER_NODE units each). In a
+# plain job the first EVAL_GPU_NODES nodes (default: 1) are the sampler nodes and the rest sandbox nodes
+# (so request GPUs only where they are used, e.g. a CPU partition job plus a GPU node); with a single node
+# it hosts both. With MATHTIR_CONTAINER_IMAGE (slurm/common.sh) the Ray head, the workers and the driver
+# all run in that image, each as an srun step. The Ray head runs on the first node; its dashboard / Jobs API binds to that node's internal
 # address (or EVAL_DASHBOARD_HOST, e.g. 127.0.0.1), never 0.0.0.0. Token authentication is on by default
 # with a fresh token for this job, shared with every Ray process of the job through the environment.
 # Ray is torn down (steps killed by pid) when the driver ends, however it ends.
@@ -33,8 +38,32 @@ fi
 PYTHON=$(mathtir_python)
 RAY="$(dirname "$PYTHON")/ray"
 [ -x "$RAY" ] || RAY=ray
-mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
-GPU_NODES=${EVAL_GPU_NODES:-1}
+# Every step runs in the container image when one is set: srun's pyxis flags or an apptainer prefix.
+mapfile -t CONTAINER_SRUN_ARGS < <(mathtir_container_srun_args)
+mapfile -t CONTAINER_EXEC < <(mathtir_container_exec_prefix)
+# NODES with, per node, the srun flag that selects its component of a heterogeneous job (empty otherwise).
+NODES=() NODE_GROUP_ARGS=()
+if [ -n "${SLURM_HET_SIZE:-}" ]; then
+  for group in $(seq 0 $(( SLURM_HET_SIZE - 1 ))); do
+    nodelist_var="SLURM_JOB_NODELIST_HET_GROUP_$group"
+    mapfile -t group_nodes < <(scontrol show hostnames "${!nodelist_var}")
+    NODES+=("${group_nodes[@]}")
+    for _ in "${group_nodes[@]}"; do NODE_GROUP_ARGS+=("--het-group=$group"); done
+    if [ "$group" -eq 0 ]; then GPU_NODES=${#group_nodes[@]}; fi
+  done
+else
+  mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+  for _ in "${NODES[@]}"; do NODE_GROUP_ARGS+=(""); done
+  GPU_NODES=${EVAL_GPU_NODES:-1}
+fi
+# step INDEX COMMAND...: COMMAND as an srun step on node INDEX, in the container image when one is set.
+step() {
+  local index=$1; shift
+  local -a group=()
+  [ -z "${NODE_GROUP_ARGS[$index]}" ] || group=("${NODE_GROUP_ARGS[$index]}")
+  srun "${group[@]}" --nodes=1 --ntasks=1 --overlap -w "${NODES[$index]}" "${CONTAINER_SRUN_ARGS[@]}" \
+    "${CONTAINER_EXEC[@]}" "$@"
+}
 CPUS=${SLURM_CPUS_ON_NODE:-$(nproc)}
 SANDBOX_PER_NODE=${EVAL_SANDBOX_PER_NODE:-$(( CPUS / 4 > 0 ? CPUS / 4 : 1 ))}
 GPUS_PER_NODE=0
@@ -50,7 +79,7 @@ RAY_TMP="/tmp/ray-$SLURM_JOB_ID"
 
 export RAY_AUTH_MODE=${EVAL_RAY_AUTH_MODE:-token}
 if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ]; then
-  RAY_AUTH_TOKEN=$("$PYTHON" -c 'import secrets; print(secrets.token_hex(32))')
+  RAY_AUTH_TOKEN=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')  # the host needs no Python
   export RAY_AUTH_TOKEN
 fi
 export RAY_USAGE_STATS_ENABLED=0
@@ -83,20 +112,19 @@ trap teardown EXIT
 mapfile -t HEAD_ARGS < <(node_args 0 "${NODES[0]}")
 echo "eval.sh: Ray head on ${NODES[0]} ($HEAD_IP:$RAY_PORT), dashboard $DASHBOARD_HOST:$DASHBOARD_PORT," \
      "${#NODES[@]} node(s), $GPU_NODES sampler node(s), $SANDBOX_PER_NODE sandbox unit(s) per sandbox node"
-srun --nodes=1 --ntasks=1 --overlap -w "${NODES[0]}" \
-  "$RAY" start --head --block --port="$RAY_PORT" --dashboard-host="$DASHBOARD_HOST" \
+step 0 "$RAY" start --head --block --port="$RAY_PORT" --dashboard-host="$DASHBOARD_HOST" \
   --dashboard-port="$DASHBOARD_PORT" --ray-client-server-port="$CLIENT_PORT" "${HEAD_ARGS[@]}" &
 STEP_PIDS+=($!)
 
 export RAY_ADDRESS="$HEAD_IP:$RAY_PORT"
-wait_for_nodes() {
-  local want=$1 deadline=$(( SECONDS + 300 ))
-  until "$PYTHON" - "$want" <<'PY' 2>/dev/null
+NODES_ALIVE_PY='
 import sys, ray
 ray.init(logging_level="ERROR")
 alive = sum(n["Alive"] for n in ray.nodes())
-sys.exit(0 if alive >= int(sys.argv[1]) else 1)
-PY
+sys.exit(0 if alive >= int(sys.argv[1]) else 1)'
+wait_for_nodes() {
+  local want=$1 deadline=$(( SECONDS + 300 ))
+  until step 0 "$PYTHON" -c "$NODES_ALIVE_PY" "$want" 2>/dev/null
   do
     [ "$SECONDS" -lt "$deadline" ] || { echo "eval.sh: fewer than $want Ray node(s) after 300 s" >&2; exit 1; }
     sleep 5
@@ -106,11 +134,10 @@ wait_for_nodes 1
 
 for index in $(seq 1 $(( ${#NODES[@]} - 1 ))); do
   mapfile -t WORKER_ARGS < <(node_args "$index" "${NODES[$index]}")
-  srun --nodes=1 --ntasks=1 --overlap -w "${NODES[$index]}" \
-    "$RAY" start --block --address="$RAY_ADDRESS" "${WORKER_ARGS[@]}" &
+  step "$index" "$RAY" start --block --address="$RAY_ADDRESS" "${WORKER_ARGS[@]}" &
   STEP_PIDS+=($!)
 done
 wait_for_nodes "${#NODES[@]}"
 echo "eval.sh: all ${#NODES[@]} Ray node(s) joined; starting the evaluation driver"
 
-"$PYTHON" ray_eval/run.py "$@"
+step 0 "$PYTHON" ray_eval/run.py "$@"

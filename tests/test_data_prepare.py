@@ -176,10 +176,12 @@ BAD_INPUTS = [
     (b'{"problem": "\xe3\x81", "generated_solution": "b", "expected_answer": "1", "inference_mode": "cot"}\n',
      r"bad\.jsonl:1: non-UTF-8 byte 0xe3"),
     (b"", r"bad\.jsonl: empty file"),
+    # The parser's recursion limit: a traceback before, so skip_invalid could not skip it.
+    (b"[" * 200_000 + b"]" * 200_000 + b"\n", r"bad\.jsonl:1: JSON nested too deeply"),
 ]
 
 
-@pytest.mark.parametrize(("content", "message"), BAD_INPUTS, ids=["json", "field", "utf8", "empty"])
+@pytest.mark.parametrize(("content", "message"), BAD_INPUTS, ids=["json", "field", "utf8", "empty", "deep"])
 def test_bad_input_is_an_error_naming_file_line_and_field_unless_skipped(recipe, tmp_path, capsys, content, message):
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(content)

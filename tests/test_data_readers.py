@@ -25,17 +25,13 @@ def _read(path, fields=OMR, fmt=None, **kw):
 
 
 def _write_hf_disk(directory, rows):
-    """The layout `datasets.Dataset.save_to_disk` writes: Arrow IPC stream files named in state.json."""
-    directory.mkdir()
-    table = pa.Table.from_pylist(rows)
-    with pa.ipc.new_stream(directory / "data-00000-of-00001.arrow", table.schema) as writer:
-        writer.write_table(table, max_chunksize=2)
-    (directory / "state.json").write_text(json.dumps(
-        {"_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_split": "train"}))
-    (directory / "dataset_info.json").write_text("{}")
+    """A directory written by `datasets` itself, in two shards (the reader goes through `datasets` too)."""
+    import datasets
+
+    datasets.Dataset.from_list(rows).save_to_disk(str(directory), num_shards=2)
 
 
-@pytest.mark.parametrize("kind", ["jsonl", "jsonl.gz", "parquet", "hf_disk"])
+@pytest.mark.parametrize("kind", ["jsonl", "jsonl.gz", "json", "parquet", "hf_disk"])
 def test_every_format_yields_the_same_records(tmp_path, kind):
     if kind == "jsonl":
         path = tmp_path / "d.jsonl"
@@ -44,6 +40,9 @@ def test_every_format_yields_the_same_records(tmp_path, kind):
         path = tmp_path / "d.jsonl.gz"
         with gzip.open(path, "wt", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS)
+    elif kind == "json":
+        path = tmp_path / "d.json"
+        path.write_text(json.dumps(ROWS, ensure_ascii=False, indent=2), encoding="utf-8")
     elif kind == "parquet":
         path = tmp_path / "d.parquet"
         pq.write_table(pa.Table.from_pylist(ROWS), path, row_group_size=2)
@@ -81,9 +80,10 @@ def test_bad_jsonl_lines_are_named_by_file_line_and_field(tmp_path):
     records = _read(path)
     invalid = [r for r in records if isinstance(r, InvalidRecord)]
     assert [r.message() for r in invalid] == [
-        f"{path}:2: malformed JSON (Expecting property name enclosed in double quotes at column 18)",
+        f"{path}:2: malformed JSON (Expecting property name enclosed in double quotes at column 18; expected one "
+        f"JSON object per line)",
         f"{path}:3: field 'expected_answer': missing",
-        f"{path}:4: non-UTF-8 byte 0xff at column 14",
+        f"{path}:4: non-UTF-8 byte 0xff at byte 14 of the line (expected UTF-8 text)",
     ]
     assert sum(isinstance(r, Record) for r in records) == 2
     empty = tmp_path / "empty.jsonl"

@@ -282,6 +282,62 @@ def test_ray_job_submit_tiny_model(ray_head, tir_tiny_dir, tmp_path):
     assert "| majority@2 |" in report and (out / "plots" / "accuracy_vs_k.png").stat().st_size > 1000
 
 
+def readme_submit_block() -> str:
+    """The README's `ray job submit` example, exactly as written there."""
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.DOTALL)
+    (block,) = [b for b in blocks if "ray job submit" in b]
+    return block.strip()
+
+
+def job_by_output(head, output: str) -> dict:
+    jobs = http_json(f"{head.dashboard_url}/api/jobs/")
+    (job,) = [j for j in (jobs if isinstance(jobs, list) else jobs.values())
+              if f"--output {output}" in j["entrypoint"]]
+    return job
+
+
+@pytest.mark.cluster
+def test_readme_ray_job_submit_runs_as_typed(ray_head, tir_tiny_dir, tmp_path):
+    """The README block, run by bash from a submitting directory laid out as the README assumes (a checkout
+    with runs/hf/final and dev.jsonl); only small-budget flags are appended to its last line."""
+    import shutil
+
+    submit = tmp_path / "checkout"
+    for name in ("mathtir", "ray_eval"):
+        shutil.copytree(REPO / name, submit / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in (".rayignore", ".gitignore"):
+        shutil.copy(REPO / name, submit / name)
+    (submit / "runs" / "hf").mkdir(parents=True)
+    (submit / "runs" / "hf" / "final").symlink_to(tir_tiny_dir)
+    (submit / "runs" / "eval" / "earlier").mkdir(parents=True)
+    (submit / "runs" / "eval" / "earlier" / "records.jsonl").write_bytes(os.urandom(1 << 20))
+    write_data(submit / "dev.jsonl")
+    # .rayignore alone keeps run outputs out (Ray reads .gitignore too unless told not to, as here)
+    env = {**ray_head.env, "RAY_ADDRESS": ray_head.dashboard_url, "RAY_RUNTIME_ENV_IGNORE_GITIGNORE": "1"}
+    small = " --samples 2 --max-tokens 64 --max-code-executions 1 --prompt-template chat --sandbox-workers 1 " \
+            "--no-progress"
+    proc = subprocess.run(["bash", "-c", readme_submit_block() + small], cwd=submit, env=env, capture_output=True,
+                          text=True, timeout=600)
+    out = submit / "runs" / "eval" / "final"
+    job = job_by_output(ray_head, str(out))
+    assert job["status"] == "SUCCEEDED", proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert len(read_records(out)) == len(PROBLEMS) * 2 and (out / "report.md").is_file()
+    # the upload held the code and the data, not the run outputs
+    packages = [d for d in ray_head.temp_dir.rglob("_ray_pkg_*") if d.is_dir() and (d / "dev.jsonl").is_file()]
+    assert packages and all((d / "ray_eval" / "run.py").is_file() and not (d / "runs").exists() for d in packages)
+
+    # The same command with a relative --output: refused, naming the fix, before anything runs.
+    relative = readme_submit_block().replace('"$PWD/runs/eval/final"', "runs/eval/relative")
+    subprocess.run(["bash", "-c", relative + small], cwd=submit, env=env, capture_output=True, text=True,
+                   timeout=300)
+    job = job_by_output(ray_head, "runs/eval/relative")
+    assert job["status"] == "FAILED"
+    logs = http_json(f"{ray_head.dashboard_url}/api/jobs/{job['submission_id']}/logs")["logs"]
+    assert ("error: --output runs/eval/relative: relative path(s) in a `ray job submit` job" in logs
+            and '--output "$PWD/runs/eval/relative"' in logs), logs[-2000:]
+    assert not (submit / "runs" / "eval" / "relative").exists()
+
+
 @pytest.mark.cluster
 def test_ray_job_submit_smollm2(ray_head, smollm2_hf_dir, tmp_path):
     problems = [Problem("a", "What is 2 + 3? Put the answer in \\boxed{}.", "5", "easy"),

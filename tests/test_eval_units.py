@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -84,6 +85,94 @@ def test_cli_rejects_bad_data_before_any_sampling(tmp_path):
     assert time.monotonic() - started < 60
 
 
+def test_json_arrays_parquet_and_hf_datasets_load_alike_and_category_is_optional(tmp_path):
+    import datasets
+
+    rows = [{k: v for k, v in r.items() if k != "category"} for r in GOOD]  # no category at all
+    expected = [("p1", "1+1は?", "2", None), ("7", "2+3?", "5", None)]
+    (tmp_path / "a.json").write_text(json.dumps(rows, ensure_ascii=False, indent=2))
+    columnar = [{k: str(v) for k, v in r.items()} for r in rows]  # one type per column
+    pq.write_table(pa.Table.from_pylist(columnar), tmp_path / "a.parquet")
+    datasets.Dataset.from_list(columnar).save_to_disk(str(tmp_path / "hf"))
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(columnar[:1])}).save_to_disk(str(tmp_path / "dd"))
+    for source in ("a.json", "a.parquet", "hf", "dd/test"):
+        problems = load_problems(tmp_path / source)
+        assert [(p.id, p.problem, p.expected_answer, p.category) for p in problems] == expected[:len(problems)]
+    # one row with a category, one without (absent or null): only the present one is a category
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [GOOD[0], {**GOOD[1], "category": None}])
+    assert [p.category for p in load_problems(mixed)] == ["中1", None]
+    with pytest.raises(DataError, match=r"dd: a DatasetDict with splits test; point at one split's subdirectory"):
+        load_problems(tmp_path / "dd")
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (json.dumps({"problems": GOOD}), r"x\.json:1: missing field 'id' \(fields present: problems\)"),
+    ('[{"id": "a", "problem": "q", "expected_answer": "1"},\n 42]', r"x\.json:2 \(item 2\): expected a JSON object, got int"),
+    ('[{"id": "a", "problem": "q", "expected_answer": "1"}\n {"id": "b"}]', r"x\.json:2: malformed JSON \(expected ',' or ']' after item 1\); expected a JSON array of objects"),
+    ('[{"id": "a", "problem": "q", "expected_answer": "1"},', r"x\.json: malformed JSON \(the array is never closed"),
+    ("[\n" + "[" * 200_000 + "]" * 200_000 + "]", r"x\.json:2 \(item 1\): JSON nested too deeply"),
+], ids=["object-not-array", "item-not-object", "missing-comma", "unclosed", "deep"])
+def test_bad_json_files_say_what_was_expected(tmp_path, content, message):
+    (tmp_path / "x.json").write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_problems(tmp_path / "x.json")
+
+
+def test_a_json_array_named_jsonl_gets_a_hint(tmp_path):
+    (tmp_path / "x.jsonl").write_text(json.dumps(GOOD, indent=1))
+    with pytest.raises(DataError, match=r"x\.jsonl:1: malformed JSON .*this looks like a JSON array: name the file "
+                                        r"\.json"):
+        load_problems(tmp_path / "x.jsonl")
+    with pytest.raises(DataError, match=r"x\.txt: cannot tell the format from the name; expected JSON Lines"):
+        load_problems(write_jsonl(tmp_path / "x.txt", GOOD))
+
+
+def run_cli(tmp_path: Path, data: Path, out: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, RAY_ADDRESS="127.0.0.1:1", RAY_AUTH_MODE="disabled")
+    return subprocess.run([sys.executable, "ray_eval/run.py", "--model", str(tmp_path), "--data", str(data),
+                           "--output", str(out), "--backend", "openai", "--api-model", "m"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_refuses_a_non_utf8_byte_naming_file_line_and_byte(tmp_path):
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_bytes(json.dumps(GOOD[0]).encode() + b"\n" + json.dumps(GOOD[1]).encode().replace(b"2+3", b"2\xfe3")
+                      + b"\n")
+    array = tmp_path / "d.json"
+    array.write_bytes(b"[\n" + json.dumps(GOOD[0]).encode() + b",\n" + json.dumps(GOOD[1]).encode().replace(
+        b"2+3", b"2\xfe3") + b"\n]\n")
+    for data, line in ((jsonl, 2), (array, 3)):
+        proc = run_cli(tmp_path, data, tmp_path / "out")
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert re.search(rf"error: {re.escape(str(data))}:{line}: non-UTF-8 byte 0xfe at byte \d+ of the line",
+                         proc.stderr), proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_submitted_job_refuses_relative_paths_naming_the_fix(tmp_path):
+    """In a `ray job submit` driver (Ray's job supervisor passes the job's runtime_env in this variable) a
+    relative path would resolve inside Ray's temporary copy of the working directory; the README test runs
+    the real submission."""
+    data = write_jsonl(tmp_path / "d.jsonl", GOOD)
+    env = dict(os.environ, RAY_ADDRESS="127.0.0.1:1", RAY_AUTH_MODE="disabled",
+               RAY_JOB_CONFIG_JSON_ENV_VAR=json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}}))
+    proc = subprocess.run([sys.executable, "ray_eval/run.py", "--model", str(tmp_path), "--data", str(data),
+                           "--output", "runs/eval/x", "--backend", "openai", "--api-model", "m"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: --output runs/eval/x: relative path(s) in a `ray job submit` job" in proc.stderr
+    assert '--output "$PWD/runs/eval/x"' in proc.stderr and not (REPO / "runs" / "eval" / "x").exists()
+
+
+def test_cli_refuses_json_nested_too_deeply_naming_file_and_line(tmp_path):
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text(json.dumps(GOOD[0]) + "\n" + "[" * 200_000 + "]" * 200_000 + "\n")
+    proc = run_cli(tmp_path, deep, tmp_path / "out")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"error: {deep}:2: JSON nested too deeply" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 # -- records -------------------------------------------------------------------------------------------------
 
 def make_record(pid: str, index: int, answer: str | None = "1", correct: bool = True, **over) -> SampleRecord:
@@ -123,6 +212,38 @@ def test_records_refuse_corrupt_and_duplicate_lines(tmp_path):
         RecordStore(path)
 
 
+def test_records_refuse_a_non_utf8_byte_and_wrong_field_types_on_resume(tmp_path):
+    path = tmp_path / "records.jsonl"
+    good = json.dumps(dataclasses.asdict(make_record("a", 0)))
+    path.write_bytes(good.encode() + b"\n" + good.replace('"t a 0"', '"t \\u00e9"').encode().replace(b"\\u00e9", b"\xe9")
+                     + b"\n")
+    with pytest.raises(RecordsError, match=r"records\.jsonl:2: unreadable record \(non-UTF-8 byte 0xe9 at byte \d+"):
+        RecordStore(path)
+    # sample 0 stored as "0" would load as another key than (a, 0), and that sample would be generated again
+    for field, value, wanted in (("sample_index", "0", "int"), ("correct", 1, "bool"), ("answer", 3, "str or null"),
+                                 ("generated_tokens", True, "int"), ("generation_s", "0.5", "int or float")):
+        row = {**dataclasses.asdict(make_record("a", 1)), field: value}
+        path.write_text(f"{good}\n{json.dumps(row)}\n")
+        with pytest.raises(RecordsError, match=rf"records\.jsonl:2: field '{field}': must be {wanted}, got"):
+            RecordStore(path)
+
+
+def test_cli_refuses_bad_records_on_resume_with_status_2(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", GOOD)
+    out = tmp_path / "out"
+    out.mkdir()
+    row = {**dataclasses.asdict(make_record("p1", 0)), "sample_index": "0"}
+    (out / "records.jsonl").write_bytes(json.dumps(row).encode() + b"\n")
+    proc = run_cli(tmp_path, data, out)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"error: {out / 'records.jsonl'}:1: field 'sample_index': must be int, got str" in proc.stderr
+    (out / "records.jsonl").write_bytes(json.dumps(dataclasses.asdict(make_record("p1", 0))).encode()[:-2]
+                                        + b'\xff"}\n')
+    proc = run_cli(tmp_path, data, out)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"error: {out / 'records.jsonl'}:1: unreadable record (non-UTF-8 byte 0xff" in proc.stderr
+
+
 def test_records_written_before_answer_source_existed_still_resume(tmp_path):
     path = tmp_path / "records.jsonl"
     rows = [dataclasses.asdict(make_record("a", 0)), dataclasses.asdict(make_record("a", 1, answer=None, correct=False))]
@@ -160,11 +281,54 @@ def test_report_writes_metrics_tables_and_plots(tmp_path):
     assert on_disk["run"]["executions"] == 9 and on_disk["run"]["finish_reasons"] == {"eos": 9}
     assert set(on_disk["per_category"]) == {"中1", "数学I・A"}
     report = (tmp_path / "report.md").read_text()
-    assert "| majority@3 |" in report and "| 数学I・A | " in report
+    assert "| majority@3 |" in report
+    # the plot labels are the categories' own names (a CJK font: quickstart.sh installs one), never C1, C2
+    assert "| 中1 | 中1 |" in report and "| 数学I・A | 数学I・A |" in report
     for png in ("plots/accuracy_vs_k.png", "plots/category_accuracy.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in report
     assert metrics["per_problem"]["p2"]["num_no_answer"] == 1
+
+
+def test_curves_read_accuracy_at_smaller_budgets_and_execution_limits_off_the_records(tmp_path):
+    from mathtir.eval.problems import Problem
+
+    problems = [Problem("p1", "q", "2"), Problem("p2", "q", "5"), Problem("p3", "q", "7")]
+    gold = {"p1": "2", "p2": "5", "p3": "7"}
+    # per sample: (answer, response tokens = generated + inserted, code executions)
+    samples = {"p1": [("2", 10, 0), ("2", 40, 2), ("3", 20, 1)],
+               "p2": [("5", 60, 1), ("5", 50, 2), ("4", 8, 0)],
+               "p3": [("7", 30, 1), ("7", 30, 1), ("7", 30, 1)]}
+    records = [make_record(pid, i, answer=a, correct=a == gold[pid], generated_tokens=t - 4, inserted_tokens=4,
+                           code_rounds=rounds)
+               for pid, rows in samples.items() for i, (a, t, rounds) in enumerate(rows)]
+    args = Namespace(model="m", api_model=None, backend="hf", prompt_template="chat", dialect="tir", data="d.jsonl",
+                     max_tokens=64, max_code_executions=2, temperature=0.7, top_p=0.95, seed=0)
+    metrics = write_results(tmp_path, problems, records, args=args, run_stats={"wall_s": 1.0})
+    assert "per_category" not in metrics  # no categories in the data: overall figures only
+
+    def point(key, setting, value):
+        (p,) = [p for p in metrics["curves"][key] if p[setting] == value]
+        return p["majority"]["accuracy"], p["pass"]["accuracy"], p["samples_within"]
+
+    budgets = [p["max_tokens"] for p in metrics["curves"]["token_budget"]]
+    assert budgets == [4, 8, 16, 24, 32, 40, 48, 56, 64]
+    # B=16: p1 keeps "2" only, p2 keeps the wrong "4", p3 nothing
+    assert point("token_budget", "max_tokens", 16) == pytest.approx((1 / 3, 1 / 3, 2 / 9))
+    # B=32: p1 "2" vs "3" ties (0.5), p2 still "4", p3 everything
+    assert point("token_budget", "max_tokens", 32) == pytest.approx((0.5, 2 / 3, 6 / 9))
+    assert point("token_budget", "max_tokens", 4) == pytest.approx((0, 0, 0))
+    assert point("code_executions", "max_code_executions", 0) == pytest.approx((1 / 3, 1 / 3, 2 / 9))
+    assert point("code_executions", "max_code_executions", 1) == pytest.approx((2 / 3, 1, 7 / 9))
+    # at the run's own settings the curves end at the run's figures
+    for key, setting, value in (("token_budget", "max_tokens", 64), ("code_executions", "max_code_executions", 2)):
+        assert point(key, setting, value) == pytest.approx(
+            (metrics["majority@k"]["3"]["accuracy"], metrics["pass@k"]["3"]["accuracy"], 1.0))
+    report = (tmp_path / "report.md").read_text()
+    assert "## Accuracy vs token budget (from the recorded trajectories, no re-sampling)" in report
+    assert "| 32 | 50.0% [" in report and "## Accuracy vs code executions" in report
+    for png in ("plots/accuracy_vs_token_budget.png", "plots/accuracy_vs_code_executions.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in report
 
 
 class ScriptedSampler:

@@ -17,7 +17,8 @@ from mathtir.convert.safetensors import HF_DTYPE_NAMES, FileRuns, write_safetens
 from mathtir.convert.torch_dist import PartReader
 from mathtir.megatron import checkpoint
 from mathtir.megatron.model import build_model
-from mathtir.models.llama import ModelSpec
+from mathtir.models.llama import ModelSpec, rope_parameters
+from mathtir.tokenizers import portable_tokenizer_config
 
 
 def _read_groups(spec: ModelSpec, layer_bytes: int, budget: int) -> list[list[tuple[rules.ParamMapping, int | None]]]:
@@ -80,6 +81,21 @@ def _locate(group, spec: ModelSpec, shapes: dict, dtype: torch.dtype, places: di
     return tensors, regions
 
 
+def loader_portable_config(hf_config: dict, dtype: torch.dtype) -> dict:
+    """config.json that every loader reads the same: transformers 5 reads `rope_parameters` and `dtype`, while
+    4.x (the line vLLM 0.11 images pin) reads `rope_theta`, `rope_scaling` and `torch_dtype` and silently
+    falls back to defaults without them (SmolLM2's rope base 100000 read as 10000: a different model)."""
+    config = dict(hf_config)
+    rope = rope_parameters(config)
+    config["rope_parameters"] = rope
+    config["rope_theta"] = rope["rope_theta"]
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))  # "type": the older spelling
+    config["rope_scaling"] = None if kind == "default" else scaling
+    config["dtype"] = config["torch_dtype"] = HF_DTYPE_NAMES[dtype]
+    return config
+
+
 def export_hf(ckpt: str | Path, out_dir: str | Path, *, hf_template: str | Path | None = None) -> Path:
     """Single process, any TP/PP the checkpoint was written at (torch_dist reshards on read). Writes
     safetensors shards with an index, config.json, generation_config.json and the tokenizer files.
@@ -138,14 +154,16 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, *, hf_template: str | Path 
     index = {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": dict(sorted(file_of.items()))}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
-    hf_config = json.loads((root / checkpoint.HF_CONFIG_FILE).read_text())
-    hf_config["dtype"] = HF_DTYPE_NAMES[dtype]
-    hf_config.pop("torch_dtype", None)
+    hf_config = loader_portable_config(json.loads((root / checkpoint.HF_CONFIG_FILE).read_text()), dtype)
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     tokenizer_src = Path(hf_template) if hf_template else root / checkpoint.TOKENIZER_DIR
     if not tokenizer_src.is_dir():
         raise FileNotFoundError(f"{tokenizer_src}: no tokenizer directory to copy (pass --hf-template DIR)")
     copied = checkpoint.copy_tokenizer_files(tokenizer_src, out_dir)
+    if "tokenizer_config.json" in copied:
+        config_path = out_dir / "tokenizer_config.json"
+        config_path.write_text(json.dumps(portable_tokenizer_config(json.loads(config_path.read_text())),
+                                          indent=2, ensure_ascii=False) + "\n")
     if "generation_config.json" not in copied:
         gen = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf_config}
         (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")

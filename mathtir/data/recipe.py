@@ -92,7 +92,7 @@ class PackConfig:
 class DataRecipe:
     name: str = MISSING
     inputs: list[str] = MISSING  # files or HF save_to_disk directories
-    input_format: str = "auto"  # auto | jsonl | parquet | hf_disk
+    input_format: str = "auto"  # auto | jsonl | json | parquet | hf_disk
     output_dir: str = MISSING
     tokenizer: str = MISSING  # a local HF tokenizer directory (fast tokenizer)
     seq_length: int = 4096
@@ -111,7 +111,7 @@ class DataRecipe:
     pack: PackConfig = field(default_factory=PackConfig)
 
 
-FORMATS = ("auto", "jsonl", "parquet", "hf_disk")
+FORMATS = ("auto", "jsonl", "json", "parquet", "hf_disk")
 DIALECTS = ("tir", "openmath")
 
 

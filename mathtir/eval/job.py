@@ -102,7 +102,37 @@ def build_parser(prog: str = "mathtir eval run") -> argparse.ArgumentParser:
     return p
 
 
+def uploaded_working_dir() -> str | None:
+    """The working_dir of the `ray job submit` that started this driver (None outside one): Ray's job
+    supervisor hands the job's runtime_env to the driver in this environment variable."""
+    try:
+        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except json.JSONDecodeError:
+        return None
+    return (config.get("runtime_env") or {}).get("working_dir")
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """In a submitted job the driver runs in Ray's temporary copy of the uploaded working directory: a
+    relative --output would be written there and deleted with it, and run outputs (runs/) are not uploaded
+    (.rayignore), so a relative --model or --data would be found there or not by accident. The submitting
+    directory is not known here, so relative paths are refused, naming the fix."""
+    working_dir = uploaded_working_dir()
+    if working_dir is None:
+        return
+    relative = [(flag, value) for flag, value in (("--model", args.model), ("--data", args.data),
+                                                   ("--output", args.output))
+                if value and not Path(value).is_absolute()]
+    if relative:
+        flags = ", ".join(f"{flag} {value}" for flag, value in relative)
+        fixed = " ".join(f'{flag} "$PWD/{value}"' for flag, value in relative)
+        raise JobError(f"{flags}: relative path(s) in a `ray job submit` job, which runs in Ray's temporary "
+                       f"copy of the working directory ({Path.cwd()}, from {working_dir}; run outputs are not "
+                       f"uploaded); give paths every node sees, e.g. typed in the submitting shell: {fixed}")
+
+
 def check_args(args: argparse.Namespace) -> None:
+    check_paths(args)
     positive = ("samples", "max_tokens", "max_batch_size", "max_in_flight", "sandbox_workers")
     for name in positive:
         if getattr(args, name) < 1:

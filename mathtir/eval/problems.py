@@ -1,4 +1,6 @@
-"""Evaluation problems: every record of a JSONL or Parquet file (mathtir.readers) validated before any sampling."""
+"""Evaluation problems: every record of a JSON Lines, JSON array or Parquet file or an HF datasets directory
+(mathtir.readers) validated before any sampling. The category is optional: without one a problem counts only
+in the overall figures."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ class Problem:
     id: str
     problem: str
     expected_answer: str
-    category: str
+    category: str | None = None
 
 
 @dataclass(frozen=True)
@@ -27,13 +29,13 @@ class FieldNames:
 
 
 def load_problems(path: str | Path, fields: FieldNames = FieldNames()) -> list[Problem]:
-    """All problems of a .jsonl/.json(l) or .parquet file, or DataError naming file, line/row and field."""
+    """All problems of a data file or HF datasets directory, or DataError naming file, line/row and field."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such data file")
-    names = {attr: getattr(fields, attr) for attr in ("id", "problem", "expected_answer", "category")}
+    if not path.exists():
+        raise DataError(f"{path}: no such data file or directory")
+    names = {attr: getattr(fields, attr) for attr in ("id", "problem", "expected_answer")}
     problems = []
-    for where, row in iter_rows(path, detect_format(path), list(names.values())):
+    for where, row in iter_rows(path, detect_format(path), list(names.values()), optional=[fields.category]):
         if isinstance(row, InvalidRecord):
             raise DataError(row.message())
         values = {}
@@ -44,6 +46,11 @@ def load_problems(path: str | Path, fields: FieldNames = FieldNames()) -> list[P
             if isinstance(value, InvalidRecord):
                 raise DataError(f"{where}: field '{name}': {value.reason}")
             values[attr] = value
+        if row.get(fields.category) is not None:  # absent or null: no category
+            category = as_text(row[fields.category], fields.category)
+            if isinstance(category, InvalidRecord):
+                raise DataError(f"{where}: field '{fields.category}': {category.reason}")
+            values["category"] = category
         problems.append(Problem(**values))
     seen: dict[str, int] = {}
     for index, p in enumerate(problems):

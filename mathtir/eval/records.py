@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from mathtir.readers import InvalidRecord, parse_json_object
+
 RECORDS_FILE = "records.jsonl"
 
 
@@ -48,6 +50,17 @@ class SampleRecord:
 
 _FIELDS = {f.name for f in dataclasses.fields(SampleRecord)}
 _REQUIRED = {f.name for f in dataclasses.fields(SampleRecord) if f.default is dataclasses.MISSING}
+# The JSON types each field is written with (an int is a valid float; bool, though an int in Python, is not).
+_JSON_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "str | None": (str, type(None))}
+_TYPES = {f.name: _JSON_TYPES[f.type] for f in dataclasses.fields(SampleRecord)}
+
+
+def _wrong_type(name: str, value) -> str | None:
+    kinds = _TYPES[name]
+    if isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds):
+        return None
+    wanted = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+    return f"field '{name}': must be {wanted}, got {type(value).__name__} {json.dumps(value)[:40]}"
 
 
 def sample_seed(seed: int, problem_id: str, sample_index: int) -> int:
@@ -81,13 +94,16 @@ class RecordStore:
             if not line.strip():
                 continue
             where = f"{self.path}:{lineno}"
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecordsError(f"{where}: unreadable record ({e.msg}); fix or remove the line") from None
+            raw = parse_json_object(line, where)
+            if isinstance(raw, InvalidRecord):
+                raise RecordsError(f"{where}: unreadable record ({raw.reason}); fix or remove the line")
             missing = _REQUIRED - set(raw)
             if missing:
                 raise RecordsError(f"{where}: record lacks field(s) {', '.join(sorted(missing))}")
+            # A wrong type would load under another key (sample "3" is not sample 3) and be generated again.
+            wrong = next(filter(None, (_wrong_type(k, raw[k]) for k in _FIELDS if k in raw)), None)
+            if wrong:
+                raise RecordsError(f"{where}: {wrong}")
             if "answer_source" not in raw:
                 raw["answer_source"] = "boxed" if raw["answer"] is not None else "none"
             record = SampleRecord(**{k: raw[k] for k in _FIELDS})

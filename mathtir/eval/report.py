@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from pathlib import Path
@@ -14,6 +15,7 @@ from mathtir.files import atomic_write_text
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 PLOTS_DIR = "plots"
+NO_CATEGORY = "(no category)"
 # Fonts that draw Japanese category names (中1, 数学I・A); without one the bars are labelled C1, C2, ...
 CJK_FONTS = ("Noto Sans CJK JP", "Noto Sans JP", "IPAexGothic", "IPAGothic", "TakaoGothic", "VL Gothic",
              "Source Han Sans JP", "Hiragino Sans", "Yu Gothic", "MS Gothic")
@@ -53,12 +55,48 @@ def write_results(output: Path, problems: list[Problem], records: list[SampleRec
         by_problem.setdefault(record.problem_id, []).append(record)
     samples = {pid: [JudgedSample(r.answer, r.correct) for r in sorted(rs, key=lambda r: r.sample_index)]
                for pid, rs in by_problem.items()}
-    metrics = score_problems(samples, [p.id for p in problems], {p.id: p.category for p in problems}, seed=args.seed)
+    # Per-category figures when the data has categories; a problem without one is listed as such there.
+    categories = ({p.id: p.category or NO_CATEGORY for p in problems}
+                  if any(p.category is not None for p in problems) else None)
+    metrics = score_problems(samples, [p.id for p in problems], categories, seed=args.seed)
     metrics["run"] = {**run_stats, **sample_statistics(records)}
+    metrics["curves"] = accuracy_curves(by_problem, [p.id for p in problems], max_tokens=args.max_tokens,
+                                        max_code_executions=args.max_code_executions, seed=args.seed)
     atomic_write_text(output / METRICS_FILE, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     plots = write_plots(output / PLOTS_DIR, metrics)
     atomic_write_text(output / REPORT_FILE, render_report(metrics, args=args, plots=[p.relative_to(output) for p in plots]))
     return metrics
+
+
+# Token budgets the curve is read at, as fractions of the run's --max-tokens.
+BUDGET_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8, 1)
+
+
+def accuracy_curves(by_problem: dict[str, list[SampleRecord]], problem_ids: list[str], *, max_tokens: int,
+                    max_code_executions: int, seed: int) -> dict:
+    """Accuracy at smaller settings, read off the recorded trajectories without sampling again.
+
+    At a token budget B a sample whose response (generated + inserted tokens) exceeds B counts as no answer: a
+    run at B would have cut it before it finished. At N code executions a sample that executed more than N
+    blocks counts as no answer. Each point is majority@n and pass@n over the same samples, so the last points
+    are the run's own figures. (A run at the smaller limit differs only where the model would have written
+    something else once told fewer executions remain: the notice, or the last round without stop strings.)"""
+    def at(keep) -> dict:
+        samples = {pid: [JudgedSample(r.answer, r.correct) if keep(r) else JudgedSample(None, False)
+                         for r in sorted(rs, key=lambda r: r.sample_index)] for pid, rs in by_problem.items()}
+        metrics = score_problems(samples, problem_ids, None, seed=seed)
+        n = str(metrics["num_samples"])
+        kept = sum(keep(r) for rs in by_problem.values() for r in rs)
+        return {"majority": metrics["majority@k"][n], "pass": metrics["pass@k"][n],
+                "samples_within": kept / sum(len(rs) for rs in by_problem.values())}
+
+    budgets = sorted({max(1, round(max_tokens * f)) for f in BUDGET_FRACTIONS})
+    return {
+        "token_budget": [{"max_tokens": b, **at(lambda r, b=b: r.generated_tokens + r.inserted_tokens <= b)}
+                         for b in budgets],
+        "code_executions": [{"max_code_executions": n, **at(lambda r, n=n: r.code_rounds <= n)}
+                            for n in range(max_code_executions + 1)],
+    }
 
 
 def percent_ci(summary: dict) -> str:
@@ -96,6 +134,15 @@ def render_report(metrics: dict, *, args, plots: list[Path]) -> str:
     ]
     for k in range(1, n + 1):
         lines.append(f"| {k} | {percent_ci(metrics['majority@k'][str(k)])} | {percent_ci(metrics['pass@k'][str(k)])} |")
+    curves = metrics.get("curves")
+    if curves:
+        for key, setting, title in (("token_budget", "max_tokens", "token budget"),
+                                    ("code_executions", "max_code_executions", "code executions")):
+            lines += ["", f"## Accuracy vs {title} (from the recorded trajectories, no re-sampling)", "",
+                      f"A sample that needed more than the {title} counts as no answer.", "",
+                      f"| {setting} | majority@{n} | pass@{n} | samples within |", "|---|---|---|---|"]
+            lines += [f"| {p[setting]} | {percent_ci(p['majority'])} | {percent_ci(p['pass'])} | "
+                      f"{100 * p['samples_within']:.1f}% |" for p in curves[key]]
     if metrics.get("per_category"):
         labels = category_labels(list(metrics["per_category"]))
         lines += ["", "## Per category", "",
@@ -118,11 +165,24 @@ def render_report(metrics: dict, *, args, plots: list[Path]) -> str:
     return "\n".join(lines)
 
 
+@functools.cache
 def _cjk_font() -> str | None:
     from matplotlib import font_manager
 
-    available = {f.name for f in font_manager.fontManager.ttflist}
-    return next((name for name in CJK_FONTS if name in available), None)
+    manager = font_manager.fontManager
+    found = next((name for name in CJK_FONTS if name in {f.name for f in manager.ttflist}), None)
+    if found is None:
+        # matplotlib caches its font list once per version: a font installed later (quickstart.sh installs
+        # one) stays unknown to it until added, and the plots would fall back to C1, C2, ...
+        known = {f.fname for f in manager.ttflist}
+        for path in font_manager.findSystemFonts():
+            if path not in known:
+                try:
+                    manager.addfont(path)
+                except (OSError, RuntimeError, ValueError):  # a file FreeType cannot read: not a font for us
+                    continue
+        found = next((name for name in CJK_FONTS if name in {f.name for f in manager.ttflist}), None)
+    return found
 
 
 def category_labels(names: list[str]) -> list[str]:
@@ -161,9 +221,30 @@ def write_plots(directory: Path, metrics: dict) -> list[Path]:
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
 
+    n = metrics["num_samples"]
+    for key, setting, label in (("token_budget", "max_tokens", "token budget (generated + inserted tokens)"),
+                                ("code_executions", "max_code_executions", "code executions allowed")):
+        points = (metrics.get("curves") or {}).get(key)
+        if not points:
+            continue
+        xs = [p[setting] for p in points]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for curve, name in (("majority", f"majority@{n}"), ("pass", f"pass@{n}")):
+            ax.plot(xs, [p[curve]["accuracy"] for p in points], marker="o", label=name)
+            ax.fill_between(xs, [p[curve]["ci95"][0] for p in points], [p[curve]["ci95"][1] for p in points],
+                            alpha=0.2)
+        ax.set(xlabel=label, ylabel="accuracy", ylim=(0, 1.02), title=f"Accuracy vs {label.split(' (')[0]} (95% CI)")
+        if key == "code_executions":
+            ax.set_xticks(xs)
+        ax.legend()
+        ax.grid(alpha=0.3)
+        paths.append(directory / f"accuracy_vs_{key}.png")
+        fig.tight_layout()
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+
     categories = metrics.get("per_category") or {}
     if categories:
-        n = metrics["num_samples"]
         names = list(categories)
         fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(names) + 2), 4))
         width = 0.4
