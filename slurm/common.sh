@@ -57,10 +57,17 @@ mathtir_master_addr() {
 }
 
 # mathtir_launch COMMAND ARGS...: run `python -m mathtir COMMAND ARGS...` on every rank of the job (or locally).
-# Under Slurm with `--signal=B:USR1@<seconds>` the batch shell receives USR1 before the time limit or a
-# preemption: it asks the trainer (through MATHTIR_STOP_FILE) to checkpoint and exit, waits for it, then
-# requeues the job; the requeued run resumes from that checkpoint. Bash runs a trap only between foreground
-# commands, so the launch runs in the background and the shell waits for it.
+# Stopping for a requeue, two ways in:
+#   - the batch shell receives USR1 (`--signal=B:USR1@<seconds>`, before the time limit) or TERM: it asks the
+#     trainer through MATHTIR_STOP_FILE to checkpoint and exit. Bash runs a trap only between foreground
+#     commands, so the launch runs in the background and the shell waits for it.
+#   - a preemption (PreemptMode=REQUEUE with a GraceTime) sends SIGTERM to the job's tasks, not to the batch
+#     shell; the trainer traps it itself. torchrun would forward it and SIGKILL the ranks 30 s later, before a
+#     large checkpoint is written, so the per-node torchrun ignores TERM (and USR1, which it would die of) and
+#     waits for its ranks to exit; Slurm's SIGKILL at the end of the grace time still ends everything.
+# Either way the trainer finishes its step, saves, writes "$MATHTIR_STOP_FILE.saved" and exits 0, and this
+# shell requeues the job (a job that ends within its grace time would otherwise count as completed); the
+# requeued run resumes from that checkpoint. The grace time must cover one step plus one checkpoint save.
 mathtir_launch() {
   local python nproc
   python=$(mathtir_python)
@@ -82,9 +89,13 @@ mathtir_launch() {
   mapfile -t srun_args < <(mathtir_container_srun_args)
   mapfile -t exec_prefix < <(mathtir_container_exec_prefix)
   trap 'echo "mathtir: USR1 received: checkpoint, then requeue"; touch "$MATHTIR_STOP_FILE"' USR1
-  # SLURM_NODEID is per task, so it is expanded inside the task, not here.
+  trap 'echo "mathtir: TERM received: checkpoint, then requeue"; touch "$MATHTIR_STOP_FILE"' TERM
+  # SLURM_NODEID is per task, so it is expanded inside the task, not here. An ignored signal stays ignored
+  # across exec; torchrun re-arms only what PET_SIGNALS_TO_HANDLE lists, the trainer re-arms TERM and USR1.
   # shellcheck disable=SC2016
   srun --ntasks-per-node=1 --kill-on-bad-exit=1 "${srun_args[@]}" "${exec_prefix[@]}" bash -c '
+    trap "" TERM USR1
+    export PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
     exec "$0" -m torch.distributed.run --nnodes="$SLURM_JOB_NUM_NODES" --node-rank="$SLURM_NODEID" \
       --nproc-per-node="$1" --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" -m mathtir "${@:2}"
   ' "$python" "$nproc" "$@" &
@@ -95,7 +106,7 @@ mathtir_launch() {
     wait "$step" || rc=$?
     kill -0 "$step" 2>/dev/null || break
   done
-  trap - USR1
+  trap - USR1 TERM
   if [ -e "$MATHTIR_STOP_FILE.saved" ]; then
     echo "mathtir: $(date -u +%FT%TZ) checkpoint saved ($(cat "$MATHTIR_STOP_FILE.saved")); requeueing job $SLURM_JOB_ID"
     rm -f "$MATHTIR_STOP_FILE" "$MATHTIR_STOP_FILE.saved"
