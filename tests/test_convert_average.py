@@ -8,6 +8,7 @@ the `make-run` driver at the bottom); `dump` reads checkpoints back at TP=1 into
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -89,6 +90,34 @@ def test_other_configs_and_shapes_are_refused_by_name(run_root, tiny_llama4_dir,
     assert f"--last 4: {run_root} holds 3 complete checkpoint(s) [0, 1, 2]" in capsys.readouterr().err
     assert main(["average", "--ckpt", str(run_root), "--iterations", "1,7", "--out", str(tmp_path / "z")]) == 2
     assert "no complete checkpoint for iteration(s) [7]" in capsys.readouterr().err
+
+
+@pytest.mark.cluster
+def test_pipeline_inserts_the_average_before_export(tiny_llama_dir, tmp_path):
+    """slurm/pipeline.sh with AVERAGE_LAST=2 on a real local Slurm cluster, every job submitted held (only the
+    chain is checked here; test_pipeline.py runs the pipeline itself)."""
+    from cluster.slurm import LocalSlurmCluster
+
+    run_root = tmp_path / "runs"
+    with LocalSlurmCluster(nodes=1) as cluster:
+        env = {**os.environ, **cluster.env, **LAUNCH_ENV, "MATHTIR_PYTHON": PYTHON, "BASE_HF": str(tiny_llama_dir),
+               "RUN_ROOT": str(run_root), "COT_DATA": "cot.jsonl", "TIR_DATA": "tir.jsonl", "EVAL_DATA": "eval.jsonl",
+               "DATA_PARTS": "1", "STAGE1_RECIPE": "nemo_configs/stage1_cot_smoke.yaml",
+               "STAGE2_RECIPE": "nemo_configs/stage2_tir_smoke.yaml", "AVERAGE_LAST": "2",
+               "MATHTIR_NPROC_PER_NODE": "2",
+               "SBATCH_ARGS": f"--partition={cluster.partition} --hold --nodes=1 --gpus-per-node=0 --time=5"}
+        submitted = subprocess.run(["bash", "slurm/pipeline.sh"], env=env, cwd=REPO, capture_output=True,
+                                   text=True, timeout=300)
+        assert submitted.returncode == 0, submitted.stderr
+        ids = dict(re.findall(r"^  (\S+(?: \S+)?)\s+(\d+)$", submitted.stdout, re.M))
+        average, export = cluster.job(ids["average"]), cluster.job(ids["export"])
+        assert average.fields["Dependency"].startswith(f"afterok:{ids['stage2_tir']}")
+        assert export.fields["Dependency"].startswith(f"afterok:{ids['average']}")
+        command = cluster.scontrol("show", "job", ids["average"])
+        assert f"--ckpt {run_root}/stage2_tir --last 2 --out {run_root}/stage2_tir_avg2" in command, command
+        assert f"--ckpt {run_root}/stage2_tir_avg2" in cluster.scontrol("show", "job", ids["verify"])
+        # Both layouts were planned before anything was submitted (CPU jobs: reported, not refused).
+        assert "fit not checked" in (run_root / "logs" / "plan-stage1_cot_smoke.txt").read_text()
 
 
 # ---------------------------------------------------------------------------- driver (own process: megatron state)
