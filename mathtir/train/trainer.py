@@ -70,10 +70,6 @@ class Trainer:
         self.run_root = Path(cfg.checkpoint.dir)
         self.start_step = 0
         self.stop_signal: str | None = None
-        # Trapped first thing: a signal during setup or load is then honoured after the first step rather than
-        # killing the rank (or being lost where the launcher left it ignored, see slurm/common.sh).
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self._on_stop_signal)
 
     def _on_stop_signal(self, signum, _frame) -> None:
         # Only a flag: the handler runs between bytecodes, possibly inside a step; the loop acts on it.
@@ -293,6 +289,17 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------------- run
     def run(self) -> int:
+        # Trapped first thing: a signal during setup or load is then honoured after the first step rather than
+        # killing the rank (or being lost where the launcher left it ignored, see slurm/common.sh). The
+        # previous handlers come back afterwards, for callers that train in-process.
+        previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in STOP_SIGNALS}
+        try:
+            return self._run()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _run(self) -> int:
         self.setup()
         self.load()
         cfg, s = self.cfg, self.schedule
