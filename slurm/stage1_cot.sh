@@ -4,6 +4,9 @@
 # e.g. a CPU smoke run:  sbatch --nodes=1 --gpus-per-node=0 --cpus-per-task=2 --time=30 \
 #   slurm/stage1_cot.sh nemo_configs/stage1_cot_smoke.yaml model.init_from=... data.train_dir=...
 # Without Slurm (`bash slurm/stage1_cot.sh ...`) the same run starts locally with torchrun.
+# Before any rank starts, `mathtir train plan` prints the layout's memory per GPU and stops a layout that cannot
+# fit this node's GPUs (never on CPUs). USR1 before the time limit, and the SIGTERM of a preemption, make the
+# trainer checkpoint and the job requeue itself (slurm/common.sh).
 # Submit from the repository root (or set MATHTIR_ROOT); see slurm/common.sh for container and other knobs.
 #SBATCH --job-name=stage1_cot
 #SBATCH --nodes=2

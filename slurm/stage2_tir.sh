@@ -5,6 +5,9 @@
 #   slurm/stage2_tir.sh nemo_configs/stage2_tir_smoke.yaml model.init_from=... data.train_dir=...
 # Chain it after stage 1: sbatch --dependency=afterok:<stage 1 job id> slurm/stage2_tir.sh ...
 # Without Slurm (`bash slurm/stage2_tir.sh ...`) the same run starts locally with torchrun.
+# Before any rank starts, `mathtir train plan` prints the layout's memory per GPU and stops a layout that cannot
+# fit this node's GPUs (never on CPUs). USR1 before the time limit, and the SIGTERM of a preemption, make the
+# trainer checkpoint and the job requeue itself (slurm/common.sh).
 # Submit from the repository root (or set MATHTIR_ROOT); see slurm/common.sh for container and other knobs.
 #SBATCH --job-name=stage2_tir
 #SBATCH --nodes=2

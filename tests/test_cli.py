@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 HELP_COMMANDS = [
-    [], ["data"], ["data", "prepare"], ["data", "demo"], ["train"], ["convert"], ["convert", "import"],
-    ["convert", "export"], ["convert", "verify"], ["eval"], ["eval", "run"], ["eval", "compare"], ["sandbox"],
-    ["sandbox", "selftest"], ["model"], ["model", "smollm2"], ["demo"],
+    [], ["data"], ["data", "prepare"], ["data", "demo"], ["train"], ["train", "plan"], ["convert"],
+    ["convert", "import"], ["convert", "export"], ["convert", "verify"], ["convert", "average"], ["eval"],
+    ["eval", "run"], ["eval", "compare"], ["sandbox"], ["sandbox", "selftest"], ["model"], ["model", "smollm2"],
+    ["demo"],
 ]
 
 

@@ -1,8 +1,10 @@
-"""mathtir convert {import,export,verify}: HF <-> megatron checkpoints and their parity check.
+"""mathtir convert {import,export,verify,average}: HF <-> megatron checkpoints, their parity check, averaging.
 
     mathtir convert import --hf-dir DIR --out DIR [--tp N] [--pp N] [--dtype bf16|fp32]
     mathtir convert export --ckpt DIR --out DIR [--hf-template DIR]
     mathtir convert verify --hf-dir DIR --ckpt DIR [--tp N] [--atol X]
+    mathtir convert average --ckpt RUN (--last K | --iterations N,M,...) --out DIR [--tp N] [--pp N]
+    mathtir convert average --ckpt RUN_A/iter_N --ckpt RUN_B/iter_M ... --out DIR
 
 import writes a torch_dist checkpoint (iteration 0) that loads at any TP/PP; with --tp/--pp > 1 it re-launches
 itself under torchrun (or runs inside an existing torchrun/srun world). export takes a checkpoint root (its
@@ -10,7 +12,11 @@ latest iteration) or one of its iter_NNNNNNN directories, written at any TP/PP, 
 with an index, config.json, generation_config.json, the tokenizer files and chat template (from --hf-template if
 given, else the copy kept in the checkpoint). verify compares vocabulary size, bos/eos/pad ids, RoPE parameters,
 head dim, KV heads and the tie flag, then runs fixed prompts through both models in fp32: max-abs logit
-difference, cosine and top-1/top-5 agreement; exit 1 on any failure. Bad input: exit 2 with the reason.
+difference, cosine and top-1/top-5 agreement; exit 1 on any failure. average writes the element-wise mean of
+the weights of a run's last K checkpoints (or the named iterations, or iter_N directories of runs of the same
+model) as a new checkpoint root at the last input's iteration, weights only, loaded at --tp/--pp (any layout:
+inputs are resharded on load); inputs whose hf_config.json or tensor shapes differ are refused by name. Bad
+input: exit 2 with the reason.
 `convert/hf_to_megatron.py`, `convert/megatron_to_hf.py` and `convert/verify.py` are the same commands.
 """
 
@@ -46,12 +52,29 @@ def build_parser(prog: str = "mathtir convert") -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=None,
                    help="max allowed |logit difference| (default: derived from fp32 and the logits' scale)")
     p.add_argument("--min-cosine", type=float, default=0.99999)
+    p = sub.add_parser("average", help="element-wise mean of several checkpoints -> new checkpoint")
+    p.add_argument("--ckpt", required=True, action="append",
+                   help="a run's checkpoint root (with --last/--iterations), or iter_N directories (repeat)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--last", type=int, help="average the run's last K complete checkpoints")
+    which.add_argument("--iterations", type=_iteration_list, help="average these iterations, e.g. 800,900,1000")
+    p.add_argument("--out", required=True, help="checkpoint root to write")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel ranks to load and average at")
+    p.add_argument("--pp", type=int, default=1, help="pipeline parallel ranks to load and average at")
     return parser
+
+
+def _iteration_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated iteration numbers, got {text!r}") from None
 
 
 def main(argv: list[str] | None = None, prog: str = "mathtir convert") -> int:
     args = build_parser(prog).parse_args(argv)
-    return {"import": import_checkpoint, "export": export_checkpoint, "verify": verify_checkpoint}[args.command](args)
+    return {"import": import_checkpoint, "export": export_checkpoint, "verify": verify_checkpoint,
+            "average": average_checkpoints}[args.command](args)
 
 
 def _fail(tool: str, error: Exception) -> int:
@@ -148,3 +171,39 @@ def verify_checkpoint(args: argparse.Namespace) -> int:
         print("verify: PASSED" if logits_ok and not failed else "verify: FAILED")
     parallel.destroy()
     return 0 if logits_ok and not failed else 1
+
+
+def average_checkpoints(args: argparse.Namespace) -> int:
+    import torch
+
+    from mathtir.convert.average import average, select_sources
+    from mathtir.megatron import checkpoint, parallel
+    from mathtir.models.llama import ModelSpec
+
+    try:
+        # Validate before any rank starts, so a bad input gives one clear message.
+        sources = select_sources(args.ckpt, last=args.last, iterations=args.iterations)
+        ModelSpec.from_dir(sources[0].root).check_parallel(args.tp, args.pp)
+        if checkpoint.latest_iteration(args.out) is not None:
+            raise FileExistsError(f"{args.out} already holds a checkpoint; choose a new --out")
+    except INPUT_ERRORS as e:
+        return _fail("average", e)
+    parallel.relaunch_under_torchrun(args.tp * args.pp)
+
+    start = time.perf_counter()
+    parallel.initialize(args.tp, args.pp, seed=0)
+    world = torch.distributed.get_world_size()
+    if world != args.tp * args.pp:
+        return _fail("average", ValueError(f"launched with {world} ranks, need tp*pp = {args.tp * args.pp}"))
+    lead = parallel.rank() == 0
+    try:
+        target = average(sources, args.out)
+    except INPUT_ERRORS as e:  # a stored tensor of another shape than the config implies
+        parallel.destroy()
+        return _fail("average", e) if lead else 2
+    if lead:
+        print(f"average: wrote {target}, the mean of {len(sources)} checkpoints "
+              f"({', '.join(str(s.dir) for s in sources)}; tp={args.tp} pp={args.pp}) "
+              f"in {time.perf_counter() - start:.1f}s")
+    parallel.destroy()
+    return 0

@@ -78,9 +78,14 @@ def relaunch_under_torchrun(nproc: int) -> None:
     plain process, so a CLI with --tp 2 works as typed. Returns only when no relaunch is needed."""
     if nproc <= 1 or "RANK" in os.environ:
         return
+    # `python -m mathtir` leaves mathtir/__main__.py in argv[0]; run again as a script, its directory would
+    # come first on sys.path and `import megatron` would find mathtir/megatron: relaunch it as a module.
+    main_spec = getattr(sys.modules["__main__"], "__spec__", None)
+    program = ["-m", main_spec.name.removesuffix(".__main__")] if main_spec else [sys.argv[0]]
     os.execv(
         sys.executable,
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *sys.argv],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *program,
+         *sys.argv[1:]],
     )
 
 

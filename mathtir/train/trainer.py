@@ -17,8 +17,11 @@ Data order (mathtir.train.batches.SampleStream): step k consumes stream position
 seeded epoch permutations for global batch G; data rank d takes its contiguous G/DP slice, cut into
 micro-batches. So the samples of a step never depend on the TP/PP/DP layout, and resuming needs only the step.
 
-Exit on request: when the file named by $MATHTIR_STOP_FILE appears (slurm/common.sh creates it on the Slurm
-signal), the trainer saves a checkpoint, writes "<stop file>.saved" and exits 0; the batch script requeues.
+Exit on request: on SIGTERM (what Slurm sends every task at a preemption with GraceTime, and before the kill at
+the time limit or on scancel), on SIGUSR1 (`--signal=USR1@N`), or when the file named by $MATHTIR_STOP_FILE
+appears (slurm/common.sh creates it when the batch shell is signalled), the trainer finishes the step in flight,
+saves a checkpoint, writes "<stop file>.saved" and exits 0; the batch script then requeues the job. Any rank's
+signal stops all ranks after the same step (the flags are all-reduced every step).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -65,6 +69,11 @@ class Trainer:
         self.vp = m.virtual_pipeline_model_parallel_size
         self.run_root = Path(cfg.checkpoint.dir)
         self.start_step = 0
+        self.stop_signal: str | None = None
+
+    def _on_stop_signal(self, signum, _frame) -> None:
+        # Only a flag: the handler runs between bytecodes, possibly inside a step; the loop acts on it.
+        self.stop_signal = signal.Signals(signum).name
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -280,6 +289,17 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------------- run
     def run(self) -> int:
+        # Trapped first thing: a signal during setup or load is then honoured after the first step rather than
+        # killing the rank (or being lost where the launcher left it ignored, see slurm/common.sh). The
+        # previous handlers come back afterwards, for callers that train in-process.
+        previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in STOP_SIGNALS}
+        try:
+            return self._run()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _run(self) -> int:
         self.setup()
         self.load()
         cfg, s = self.cfg, self.schedule
@@ -310,15 +330,17 @@ class Trainer:
             if self.progress:
                 self.progress.update(1)
                 self.progress.set_postfix(loss=f"{metrics['loss']:.4f}")
-            stop_requested = _any_rank(stop_file is not None and self.rank == 0 and os.path.exists(stop_file))
+            stop_requested = _any_rank(self.stop_signal is not None
+                                       or (stop_file is not None and self.rank == 0 and os.path.exists(stop_file)))
             if done == s.total_steps or stop_requested or (save_every and done % save_every == 0):
                 if last_saved != done:
                     self.save(done)
                     last_saved = done
             if stop_requested and done < s.total_steps:
-                if self.rank == 0:
+                if self.rank == 0 and stop_file is not None:
                     Path(stop_file + ".saved").write_text(f"iteration {done}\n")
-                self.log(f"mathtir.train: stop requested: checkpoint {done} saved, exiting for the requeue")
+                cause = f"{self.stop_signal} received" if self.stop_signal else "stop file or another rank's signal"
+                self.log(f"mathtir.train: stop requested ({cause}): checkpoint {done} saved, exiting for the requeue")
                 break
         self.close()
         return 0
@@ -343,6 +365,9 @@ class Trainer:
     def log(self, message: str) -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             print(message, file=sys.stderr, flush=True)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def train(cfg: DictConfig) -> int:

@@ -12,6 +12,12 @@ inside a batch script talks to the same cluster.
 
 or use the ``slurm_cluster`` pytest fixture (module scope) defined at the bottom.
 
+With ``preempt_grace_s=N`` the cluster preempts as production clusters do: a second partition
+(``URGENT_PARTITION``) over the same nodes with a higher PriorityTier, ``PreemptType=preempt/partition_prio``,
+``PreemptMode=REQUEUE``, and GraceTime=N on the default partition. A job submitted to the urgent partition that
+needs a busy node's CPUs makes slurmctld send the running job's tasks SIGCONT + SIGTERM, SIGKILL them N seconds
+later, and requeue the job.
+
 Settings that work in a container-like VM without systemd or cgroups (docs/cluster-testing.md): linuxproc proctrack, no task plugin, cons_tres with
 CR_CPU, short credential expiry and 1 s scheduler intervals so requeued jobs restart fast, and
 kill_invalid_depend so a job whose afterok dependency failed is cancelled instead of pending forever.
@@ -33,6 +39,7 @@ TERMINAL_STATES = frozenset(
     {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
      "PREEMPTED"}
 )
+URGENT_PARTITION = "urgent"
 REQUIRED_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "srun")
 
 
@@ -68,13 +75,14 @@ class LocalSlurmCluster:
     """One slurmctld and ``nodes`` slurmd daemons on 127.0.0.1, stopped by pid on exit."""
 
     def __init__(self, root: str | os.PathLike | None = None, *, nodes: int = 1, cpus_per_node: int | None = None,
-                 memory_mb: int | None = None, partition: str = "debug"):
+                 memory_mb: int | None = None, partition: str = "debug", preempt_grace_s: int | None = None):
         # Unix socket paths are limited to ~107 bytes: keep the root short.
         self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="slurm-", dir="/tmp"))
         self.nodes = [f"node{i}" for i in range(nodes)]
         self.cpus_per_node = cpus_per_node or os.cpu_count() or 1
         self.memory_mb = memory_mb or self._default_memory_mb(nodes)
         self.partition = partition
+        self.preempt_grace_s = preempt_grace_s
         self.conf_path = self.root / "slurm.conf"
         self.munge_socket = self.root / "munge" / "munge.socket"
         self._procs: dict[str, subprocess.Popen] = {}
@@ -140,11 +148,11 @@ class LocalSlurmCluster:
 
     # ------------------------------------------------------------------ jobs
     def submit(self, command: list[str] | str, *, sbatch_args: list[str] = (), cwd: str | os.PathLike | None = None,
-               env: dict[str, str] | None = None) -> str:
+               env: dict[str, str] | None = None, partition: str | None = None) -> str:
         """``sbatch --parsable [sbatch_args] command...``; a str is a script path, a list is script + its args."""
         argv = [command] if isinstance(command, str) else list(command)
-        out = self._client(["sbatch", "--parsable", f"--partition={self.partition}", *sbatch_args, *argv],
-                           cwd=cwd, env=env)
+        out = self._client(["sbatch", "--parsable", f"--partition={partition or self.partition}", *sbatch_args,
+                            *argv], cwd=cwd, env=env)
         job_id = out.strip().split(";")[0]
         if not job_id.isdigit():
             raise SlurmClusterError(f"sbatch printed no job id: {out!r}")
@@ -290,8 +298,16 @@ class LocalSlurmCluster:
         for node in self.nodes:
             lines.append(f"NodeName={node} NodeHostname=localhost NodeAddr=127.0.0.1 Port={_free_port()} "
                          f"CPUs={self.cpus_per_node} RealMemory={self.memory_mb} State=UNKNOWN")
-        lines.append(f"PartitionName={self.partition} Nodes={','.join(self.nodes)} Default=YES "
-                     "MaxTime=INFINITE State=UP OverSubscribe=NO")
+        nodes = ",".join(self.nodes)
+        if self.preempt_grace_s is None:
+            lines.append(f"PartitionName={self.partition} Nodes={nodes} Default=YES MaxTime=INFINITE State=UP "
+                         "OverSubscribe=NO")
+        else:
+            lines[lines.index("MpiDefault=none"):0] = ["PreemptType=preempt/partition_prio", "PreemptMode=REQUEUE"]
+            lines.append(f"PartitionName={self.partition} Nodes={nodes} Default=YES MaxTime=INFINITE State=UP "
+                         f"OverSubscribe=NO PriorityTier=1 GraceTime={self.preempt_grace_s}")
+            lines.append(f"PartitionName={URGENT_PARTITION} Nodes={nodes} MaxTime=INFINITE State=UP OverSubscribe=NO "
+                         "PriorityTier=10 PreemptMode=OFF")
         self.conf_path.write_text("\n".join(lines) + "\n")
 
 
