@@ -3,7 +3,7 @@
     .venv/bin/python bench/openai_backend.py [--model DIR] [--requests 256] [--max-tokens 4]
 
 Starts `transformers serve` on 127.0.0.1 (one torch thread), then sends the same --requests completions twice,
-the phases alternating --repeats times:
+the phases alternating --repeats times (and which goes first), the fastest run of each counting:
 1. direct: all at once from a bare httpx.AsyncClient, no limit (the server's throughput when driven directly);
 2. sampler: through OpenAISampler.generate with --max-in-flight (what the evaluation job does).
 The server's own count of requests in flight is read from its log (received and not yet answered). Prints
@@ -100,7 +100,9 @@ async def through_sampler(sampler: OpenAISampler, texts: list[str], max_tokens: 
                                   temperature=0.7, top_p=0.95, seed=i) for i, t in enumerate(texts)]
     started = time.perf_counter()
     generations = await asyncio.gather(*(sampler.generate(r) for r in requests))
-    return time.perf_counter() - started, sum(g.num_tokens for g in generations)
+    wall = time.perf_counter() - started
+    await sampler.aclose()
+    return wall, sum(g.num_tokens for g in generations)
 
 
 def main() -> None:
@@ -109,7 +111,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=256)
     p.add_argument("--max-tokens", type=int, default=4)
     p.add_argument("--max-in-flight", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=1, help="alternating runs of each phase; the fastest counts")
+    p.add_argument("--repeats", type=int, default=2, help="alternating runs of each phase; the fastest counts")
     args = p.parse_args()
 
     model = args.model or default_model()
@@ -122,7 +124,8 @@ def main() -> None:
             sampler = OpenAISampler(base, str(model), max_in_flight=args.max_in_flight)
             runs: dict[str, list[tuple[float, int, int]]] = {"direct": [], "sampler": []}
             for repeat in range(args.repeats):
-                for name in runs:
+                # the order alternates too, so that neither phase always meets the server after the other
+                for name in (("direct", "sampler") if repeat % 2 == 0 else ("sampler", "direct")):
                     offset = log.stat().st_size
                     if name == "direct":
                         wall, tokens = asyncio.run(direct(base, str(model), texts, args.max_tokens))

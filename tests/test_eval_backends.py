@@ -1,6 +1,6 @@
 """Evaluation backends against real parts: an OpenAI-compatible server (`transformers serve`, started here on
 127.0.0.1 with local models), the HF sampler's continuous batching and prefix reuse, batched sampling, replica
-placement on a real multi-node Ray cluster (custom resources stand in for GPUs), and the wall clock."""
+placement in placement groups on a real Ray (a custom resource stands in for GPUs), and the wall clock."""
 
 from __future__ import annotations
 
@@ -323,47 +323,40 @@ def test_batched_top_p_samples_only_the_nucleus_with_per_row_seeds():
 # -- vLLM replica placement (Ray, custom resources standing in for GPUs) ------------------------------------
 
 @pytest.mark.slow
-def test_tensor_parallel_replicas_get_one_node_each_and_the_engine_workers_get_the_gpus(monkeypatch):
+def test_tensor_parallel_replicas_leave_their_gpus_to_the_engine_workers_and_never_overcommit(monkeypatch):
     import ray
-    from ray.cluster_utils import Cluster
 
     from mathtir.eval.actors import place_sampler_replicas
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    monkeypatch.setenv("RAY_raylet_start_wait_time_s", "300")  # raylets start slowly on a loaded shared CPU
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"standin_gpu": 2},
-                                                           "node_ip_address": "127.0.0.1",
-                                                           "include_dashboard": False})
-    cluster.add_node(num_cpus=1, resources={"standin_gpu": 2}, node_ip_address="127.0.0.1")
+    ray.init(num_cpus=2, resources={"standin_gpu": 4}, include_dashboard=False, _node_ip_address="127.0.0.1",
+             object_store_memory=100 * 1024 * 1024)
     try:
-        ray.init(address=cluster.address)
-        cluster.wait_for_nodes()
-
         @ray.remote
         def tp_worker():  # what vLLM's Ray executor starts per GPU of the engine's placement group
-            return ray.get_runtime_context().get_node_id()
+            return ray.get_runtime_context().get_placement_group_id()
 
         @ray.remote
         class Engine:
             def start(self, tp):
+                group = ray.get_runtime_context().get_placement_group_id()
                 workers = [tp_worker.options(num_cpus=0, resources={"standin_gpu": 1}).remote() for _ in range(tp)]
                 ready, _ = ray.wait(workers, num_returns=tp, timeout=120)
-                return ray.get_runtime_context().get_node_id(), ray.get(ready)
+                return group, ray.get(ready)
 
         placements = place_sampler_replicas(ray, replicas=2, gpus_per_replica=2, cpus_per_replica=0.5,
-                                            tensor_parallel=True, gpu_resource="standin_gpu", timeout_s=120)
+                                            tensor_parallel=True, gpu_resource="standin_gpu", timeout_s=300)
         engines = [Engine.options(**p).remote() for p in placements]
-        started = ray.get([e.start.remote(2) for e in engines], timeout=300)
-        nodes = [node for node, _ in started]
-        assert len(set(nodes)) == 2  # one replica per node
-        for node, workers in started:
-            assert workers == [node, node]  # both TP workers started (no GPU held by the engine) on its node
+        started = ray.get([e.start.remote(2) for e in engines], timeout=600)
+        assert len({group for group, _ in started}) == 2  # one placement group per replica
+        for group, workers in started:
+            # both TP workers got a GPU of their engine's own group: the engine holds none itself
+            assert workers == [group, group]
         with pytest.raises(TimeoutError, match="could not be placed"):
             place_sampler_replicas(ray, replicas=1, gpus_per_replica=2, cpus_per_replica=0.5,
                                    tensor_parallel=True, gpu_resource="standin_gpu", timeout_s=5)
     finally:
         ray.shutdown()
-        cluster.shutdown()
 
 
 # -- the wall clock -----------------------------------------------------------------------------------------

@@ -165,6 +165,12 @@ class OpenAISampler:
             await asyncio.sleep(min(wait, self.max_backoff_s))
         raise AssertionError("unreachable")
 
+    async def aclose(self) -> None:
+        """Closes the HTTP connections (a client is made again on the next request)."""
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
     def stats(self) -> dict:
         stats = dict(self._stats, backend="openai", mode=self.mode, busy_s=round(self._stats["busy_s"], 2))
         price_in, price_out = self.prices
