@@ -62,20 +62,24 @@ def place_sampler_replicas(ray, *, replicas: int, gpus_per_replica: int, cpus_pe
                            tensor_parallel: bool, gpu_resource: str = "GPU", timeout_s: float = 600.0) -> list[dict]:
     """One placement group per sampler replica, and the options that put its actor inside it.
 
-    A replica's GPUs are one bundle each, packed on one node (STRICT_PACK: a tensor-parallel group never spans
-    nodes); replicas go wherever their group fits, across nodes. With ``tensor_parallel`` (vLLM at TP>1) the
-    actor holds no GPU itself: it sits in the first bundle with its CPUs only, and the engine's Ray executor
-    starts one worker per GPU bundle of the actor's own group (``placement_group_capture_child_tasks``). Were
-    the actor to claim a GPU as well, the workers would wait for one forever (ray#36650, vllm#4410). Otherwise
-    the actor claims its GPU(s) itself. ``gpu_resource`` is the resource that stands for a GPU ("GPU"; a
-    custom resource in the CPU tests). Raises TimeoutError when the groups cannot all be placed in time.
+    A replica's GPUs are packed on one node (STRICT_PACK: a tensor-parallel group never spans nodes); replicas
+    go wherever their group fits, across nodes. With ``tensor_parallel`` (vLLM at TP>1) the actor holds no
+    GPU itself: it sits in the first bundle with its CPUs only, and the engine's Ray executor starts one worker
+    per bundle (one GPU each) of the actor's own group (``placement_group_capture_child_tasks``). Were the
+    actor to claim a GPU as well, the workers would wait for one forever (ray#36650, vllm#4410). Otherwise the
+    actor claims its GPU(s) itself, in one bundle. ``gpu_resource`` is the resource that stands for a GPU
+    ("GPU"; a custom resource in the CPU tests). Raises TimeoutError when the groups cannot all be placed in
+    time.
     """
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     groups, options = [], []
     for _ in range(replicas):
-        bundles = [{gpu_resource: 1} for _ in range(gpus_per_replica)]
+        if tensor_parallel:  # one bundle per engine worker's GPU, the actor's CPUs with the first
+            bundles = [{gpu_resource: 1} for _ in range(gpus_per_replica)]
+        else:  # the actor claims all of them itself
+            bundles = [{gpu_resource: gpus_per_replica}]
         bundles[0]["CPU"] = cpus_per_replica
         group = placement_group(bundles, strategy="STRICT_PACK")
         groups.append(group)
