@@ -29,6 +29,7 @@ from pathlib import Path
 from mathtir.eval.problems import FieldNames, load_problems
 from mathtir.eval.records import RECORDS_FILE, RecordsError, RecordStore
 from mathtir.eval.samplers import BACKENDS
+from mathtir.eval.timeline import TimedExecutor, TimedSampler, WallClock
 from mathtir.eval.tir import TIRConfig, run_sample
 from mathtir.files import atomic_write_json, file_sha256
 from mathtir.formats import DIALECT_NAMES, TEMPLATE_NAMES, OutputFormat, get_dialect, get_template
@@ -41,7 +42,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 # Arguments that decide what a sample is: a rerun into the same --output must agree on all of them, or its
 # samples would be mixed with differently generated ones. (--samples may grow: new indices are just added.)
-IDENTITY_ARGS = ("model", "backend", "api_model", "prompt_template", "system", "dialect", "max_tokens",
+IDENTITY_ARGS = ("model", "backend", "api_model", "api_mode", "prompt_template", "system", "dialect", "max_tokens",
                  "max_code_executions", "temperature", "top_p", "seed", "exec_timeout", "output_max_chars",
                  "output_truncation", "output_errors", "remaining_notice", "answer_fallback")
 
@@ -92,11 +93,26 @@ def build_parser(prog: str = "mathtir eval run") -> argparse.ArgumentParser:
                      help="GPUs per sampler actor (default: 1 if the cluster has GPUs else 0; vllm: the TP size)")
     res.add_argument("--sampler-cpus", type=float, default=1.0)
     res.add_argument("--max-batch-size", type=int, default=32, help="hf: rows decoded together")
-    res.add_argument("--max-in-flight", type=int, default=256, help="trajectories in flight in the job")
+    res.add_argument("--prefix-cache-mb", type=int, default=2048,
+                     help="hf: KV cache kept for trajectories waiting on the sandbox, per replica")
+    res.add_argument("--max-in-flight", type=int, default=256,
+                     help="trajectories in flight in the job (openai: also the HTTP requests held at once)")
+    engine = p.add_argument_group("vllm backend")
+    engine.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    engine.add_argument("--max-num-seqs", type=int, default=256, help="sequences one engine decodes at once")
+    engine.add_argument("--max-model-len", type=int, default=None, help="default: the model's")
+    engine.add_argument("--no-prefix-caching", action="store_true",
+                        help="turn off vLLM prefix caching (on by default: a trajectory's rounds share a prefix)")
     api = p.add_argument_group("openai backend")
     api.add_argument("--api-base", default="http://127.0.0.1:8000/v1")
     api.add_argument("--api-model", default=None)
+    api.add_argument("--api-mode", default="completions", choices=("completions", "chat"),
+                     help="completions: a served model; chat: a chat API (a code block ends the assistant's turn, "
+                          "its output comes back as the next user message)")
     api.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable with the key")
+    api.add_argument("--price-input-per-mtok", type=float, default=None, help="USD per million prompt tokens")
+    api.add_argument("--price-output-per-mtok", type=float, default=None,
+                     help="USD per million generated tokens (with either price, the cost is in metrics)")
     p.add_argument("--embedded-cpus", type=int, default=None, help="CPUs of an embedded Ray (default: all)")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -133,7 +149,8 @@ def check_paths(args: argparse.Namespace) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     check_paths(args)
-    positive = ("samples", "max_tokens", "max_batch_size", "max_in_flight", "sandbox_workers")
+    positive = ("samples", "max_tokens", "max_batch_size", "max_in_flight", "sandbox_workers", "max_num_seqs",
+                "prefix_cache_mb")
     for name in positive:
         if getattr(args, name) < 1:
             raise JobError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
@@ -150,6 +167,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise JobError(f"--model {args.model}: not a Hugging Face model directory (no config.json)")
     if args.backend == "openai" and not args.api_model:
         raise JobError("--backend openai needs --api-model NAME")
+    if not 0 < args.gpu_memory_utilization <= 1:
+        raise JobError(f"--gpu-memory-utilization must be in (0, 1] (got {args.gpu_memory_utilization})")
 
 
 # -- manifest ------------------------------------------------------------------------------------------------
@@ -218,7 +237,7 @@ def init_ray(args: argparse.Namespace):
 
 
 def start_samplers(ray, args: argparse.Namespace):
-    from mathtir.eval.actors import RemoteSampler, sampler_actor_class
+    from mathtir.eval.actors import RemoteSampler, place_sampler_replicas, sampler_actor_class
 
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
@@ -228,18 +247,30 @@ def start_samplers(ray, args: argparse.Namespace):
         raise JobError(f"{replicas} sampler replica(s) x {per_replica} GPU(s) > the cluster's {gpus} GPU(s)")
     if args.backend == "hf":
         kwargs = {"model_dir": str(Path(args.model).resolve()), "max_batch_size": args.max_batch_size,
-                  "num_threads": max(1, int(args.sampler_cpus))}
+                  "num_threads": max(1, int(args.sampler_cpus)), "prefix_cache_mb": args.prefix_cache_mb}
     elif args.backend == "vllm":
-        kwargs = {"model_dir": str(Path(args.model).resolve()), "tensor_parallel_size": max(1, per_replica)}
+        kwargs = {"model_dir": str(Path(args.model).resolve()), "tensor_parallel_size": max(1, per_replica),
+                  "gpu_memory_utilization": args.gpu_memory_utilization, "max_model_len": args.max_model_len,
+                  "max_num_seqs": args.max_num_seqs, "enable_prefix_caching": not args.no_prefix_caching}
     else:
-        kwargs = {"base_url": args.api_base, "model": args.api_model, "api_key_env": args.api_key_env,
-                  "dialect": args.dialect}
+        kwargs = {"base_url": args.api_base, "model": args.api_model, "mode": args.api_mode,
+                  "api_key_env": args.api_key_env, "dialect": args.dialect,
+                  "max_in_flight": -(-args.max_in_flight // replicas),
+                  "price_input_per_mtok": args.price_input_per_mtok,
+                  "price_output_per_mtok": args.price_output_per_mtok,
+                  "tokenizer_dir": str(Path(args.model).resolve()) if args.model else None}
+    if per_replica:
+        placements = place_sampler_replicas(ray, replicas=replicas, gpus_per_replica=per_replica,
+                                            cpus_per_replica=args.sampler_cpus,
+                                            tensor_parallel=args.backend == "vllm" and per_replica > 1)
+    else:
+        placements = [{"num_cpus": args.sampler_cpus, "num_gpus": 0}] * replicas
     actor_cls = sampler_actor_class()
-    actors = [actor_cls.options(num_cpus=args.sampler_cpus, num_gpus=per_replica, max_restarts=3)
-              .remote(args.backend, kwargs) for _ in range(replicas)]
-    uses_ids = ray.get([a.uses_token_ids.remote() for a in actors], timeout=600)
+    actors = [actor_cls.options(max_restarts=3, **placement).remote(args.backend, kwargs)
+              for placement in placements]
+    interface = ray.get([a.interface.remote() for a in actors], timeout=600)[0]
     log.info("%d %s sampler replica(s) ready (%d GPU each)", replicas, args.backend, per_replica)
-    return RemoteSampler(actors, uses_token_ids=uses_ids[0])
+    return RemoteSampler(actors, uses_token_ids=interface["uses_token_ids"], chat=interface["chat"])
 
 
 def model_tokenizer(args: argparse.Namespace):
@@ -303,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
     config = TIRConfig(max_tokens=args.max_tokens, max_code_executions=args.max_code_executions,
                        temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                        answer_fallback=args.answer_fallback)
-    started = time.perf_counter()
+    clock = WallClock()  # its parts (setup, generation, execution, queueing, finishing) sum to wall_s
     with RecordStore(output / RECORDS_FILE) as store:
         known = {p.id for p in problems}
         strays = sorted({pid for pid, _ in store.records} - known)
@@ -319,33 +350,40 @@ def run(args: argparse.Namespace) -> int:
                  resumed, len(todo), f" ({store.torn_bytes} bytes of a torn last line cut)" if store.torn_bytes
                  else "")
         manifest["attempts"][-1].update(resumed_samples=resumed, torn_bytes=store.torn_bytes)
-        sampler_stats = exec_stats = sampling_s = None
+        sampler_stats = exec_stats = None
         if todo:
             tokenizer = model_tokenizer(args)
             template = get_template(args.prompt_template, tokenizer=tokenizer, system=args.system)
             ray = init_ray(args)
             try:
-                sampler = start_samplers(ray, args)
-                executor = start_sandbox(ray, args)
+                sampler = TimedSampler(start_samplers(ray, args), clock)
+                executor = TimedExecutor(start_sandbox(ray, args), clock)
                 progress = tqdm(total=len(problems) * args.samples, initial=resumed, desc="samples",
                                 disable=args.no_progress, mininterval=1 if sys.stderr.isatty() else 10,
                                 file=sys.stderr)
-                sampling_started = time.perf_counter()
+                clock.start_sampling()
                 asyncio.run(run_all(todo, store, sampler=sampler, executor=executor, tokenizer=tokenizer,
                                     template=template, dialect=dialect, output_format=output_format,
                                     config=config, attempt=attempt, max_in_flight=args.max_in_flight,
                                     progress=progress))
-                sampling_s = time.perf_counter() - sampling_started
+                clock.end_sampling()
                 progress.close()
                 sampler_stats, exec_stats = sampler.stats(), executor.stats()
             finally:
                 ray.shutdown()
         records = [store.records[(p.id, i)] for p in problems for i in range(args.samples)]
-    wall_s = time.perf_counter() - started
+    breakdown = clock.breakdown()
+    sampling_s = sum(breakdown[k] for k in ("generation", "execution", "queueing"))
+    generated = [r for r in records if r.attempt == attempt] if todo else []
     # samples/s over the sampling phase alone (the wall time also holds Ray and model start-up)
-    run_stats = {"wall_s": round(wall_s, 2), "sampling_s": round(sampling_s, 2) if todo else None,
+    run_stats = {"wall_s": round(breakdown["wall_s"], 2), "sampling_s": round(sampling_s, 2) if todo else None,
                  "generated_samples": len(todo),
                  "samples_per_s": round(len(todo) / sampling_s, 4) if todo else None,
+                 "wall_clock": breakdown,
+                 "throughput": {"backend": args.backend,
+                                "samples_per_s": round(len(todo) / sampling_s, 4) if todo else None,
+                                "generated_tokens_per_s": round(sum(r.generated_tokens for r in generated)
+                                                                / sampling_s, 2) if todo else None},
                  "sampler": sampler_stats, "sandbox": exec_stats}
     write_results(output, problems, records, args=args, run_stats=run_stats)
     manifest["attempts"][-1].update(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **run_stats)

@@ -157,12 +157,35 @@ def render_report(metrics: dict, *, args, plots: list[Path]) -> str:
                 "execution_s", "finish_reasons", "answer_sources", "samples_by_attempt", "wall_s", "sampling_s", "samples_per_s"):
         value = run.get(key)
         lines.append(f"| {key} | {json.dumps(value) if isinstance(value, dict) else value} |")
+    lines += wall_clock_section(run)
     if metrics.get("unsampled_problems"):
         lines += ["", f"Problems without samples: {', '.join(metrics['unsampled_problems'])}"]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.as_posix()})" for p in plots]
     lines += ["", "Definitions: " + "; ".join(f"**{k}**: {v}" for k, v in metrics["definitions"].items()), ""]
     return "\n".join(lines)
+
+
+def wall_clock_section(run: dict) -> list[str]:
+    """This attempt's wall time in parts that add up to it (mathtir.eval.timeline), and its throughput."""
+    clock = run.get("wall_clock")
+    if not clock:
+        return []
+    wall = clock["wall_s"]
+    lines = ["", "## Wall clock (this attempt)", "",
+             "Consecutive intervals by what was in progress: generation = a generation request out; execution = "
+             "code running and no generation out (a stall); queueing = neither. The parts sum to the wall time; "
+             "the run table's generation_s and execution_s instead sum every sample's own waits, shared time "
+             "counted once per sample.", "", "| part | seconds | share |", "|---|---:|---:|"]
+    for part in ("setup", "generation", "execution", "queueing", "finishing"):
+        lines.append(f"| {part} | {clock[part]:.2f} | {100 * clock[part] / wall if wall else 0:.1f}% |")
+    lines.append(f"| **wall** | {wall:.2f} | 100.0% |")
+    throughput = run.get("throughput") or {}
+    if throughput.get("samples_per_s") is not None:
+        lines += ["", f"Throughput ({throughput['backend']} backend, over the sampling phase): "
+                      f"{throughput['samples_per_s']} samples/s, {throughput['generated_tokens_per_s']} generated "
+                      "tokens/s."]
+    return lines
 
 
 @functools.cache

@@ -7,7 +7,9 @@
 
 The budget (--max-tokens) counts every response token, generated and inserted alike. With token-id backends
 the loop appends the sampled ids as they are and tokenizes only the inserted output, so the count is exact and
-the model sees exactly the ids it produced. Each sample is one coroutine: thousands run concurrently and a
+the model sees exactly the ids it produced. With a chat backend (a chat API) the same transcript travels as a
+conversation: each generation round is an assistant turn that a closed code block ends, and each output block
+(in the dialect's own fences) is the next user message. Each sample is one coroutine: thousands run concurrently and a
 sample waiting for the sandbox never holds up the sampler for the others.
 """
 
@@ -60,6 +62,11 @@ async def run_sample(problem: Problem, sample_index: int, *, sampler: Sampler, e
     response_text = ""
     response_tokens = generated_tokens = inserted_tokens = 0
     executed: list[str] = []
+    chat = getattr(sampler, "chat", False)
+    # chat: the finished turns, and what the assistant has written since the last output block
+    messages = ([{"role": "system", "content": template.system}] if template.system else []) + [
+        {"role": "user", "content": problem.problem}]
+    assistant_turn = ""
     timeouts = exec_errors = 0
     generation_s = execution_s = 0.0
     finish_reason = "length"
@@ -70,16 +77,21 @@ async def run_sample(problem: Problem, sample_index: int, *, sampler: Sampler, e
             finish_reason = "length"
             break
         code_allowed = len(executed) < config.max_code_executions
+        conversation = []
+        if chat:  # a round that continues an unfinished assistant turn sends it as the last message
+            conversation = messages + ([{"role": "assistant", "content": assistant_turn}] if assistant_turn else [])
         request = GenerationRequest(
             prompt_ids=prompt_ids + response_ids, prompt_text=prompt_text + response_text,
             max_new_tokens=budget, stop=dialect.stop_strings if code_allowed else (),
-            temperature=config.temperature, top_p=config.top_p, seed=round_seed(seed, round_index))
+            temperature=config.temperature, top_p=config.top_p, seed=round_seed(seed, round_index),
+            messages=conversation)
         round_index += 1
         started = time.perf_counter()
         generation = await sampler.generate(request)
         generation_s += time.perf_counter() - started
         response_ids += generation.token_ids
         response_text += generation.text
+        assistant_turn += generation.text
         response_tokens += generation.num_tokens
         generated_tokens += generation.num_tokens
         if generation.finish_reason != "stop":
@@ -107,6 +119,9 @@ async def run_sample(problem: Problem, sample_index: int, *, sampler: Sampler, e
             break
         response_ids += output_ids
         response_text += output_text
+        if chat:
+            messages += [{"role": "assistant", "content": assistant_turn}, {"role": "user", "content": output_text}]
+            assistant_turn = ""
         response_tokens += n_output
         inserted_tokens += n_output
 

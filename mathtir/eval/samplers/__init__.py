@@ -5,7 +5,8 @@ batches concurrent requests internally: the loop keeps many trajectories in flig
 the sandbox the others keep the sampler busy.
 
 Backends: ``hf`` (transformers, CPU or GPU; the one CI runs), ``vllm`` (GPU engines; cannot run on this
-platform, a thin adapter), ``openai`` (an OpenAI-compatible HTTP endpoint: a served model or a commercial API).
+platform, a thin adapter), ``openai`` (an OpenAI-compatible HTTP endpoint: a served model or a commercial API,
+in completions or chat mode).
 Token-id backends (hf, vllm) take and return token ids, so the TIR loop appends the generated ids as they are
 and tokenizes only the inserted code output: the token budget is exact and nothing drifts at block boundaries.
 """
@@ -13,7 +14,7 @@ and tokenizes only the inserted code output: the token budget is exact and nothi
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 # backend name -> "module:class"; imported only when built (vLLM and the HTTP client are heavy or absent)
@@ -33,6 +34,9 @@ class GenerationRequest:
     temperature: float
     top_p: float
     seed: int
+    # chat backends: the conversation so far ({"role", "content"} dicts: system, the problem as the user's
+    # message, then assistant rounds and code output as user messages)
+    messages: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -45,6 +49,7 @@ class Generation:
 
 class Sampler(Protocol):
     uses_token_ids: bool
+    chat: bool                     # wants GenerationRequest.messages (a chat API) rather than the prompt text
 
     async def generate(self, request: GenerationRequest) -> Generation: ...
 

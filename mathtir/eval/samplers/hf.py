@@ -1,10 +1,19 @@
-"""Hugging Face transformers sampler: batched decoding on CPU or GPU with stop strings and per-request seeds.
+"""Hugging Face transformers sampler: continuous batching on CPU or GPU, a trajectory's KV cache kept across its
+rounds, stop strings and per-request seeds.
 
-A small decoding loop of our own instead of ``model.generate``, because the TIR loop needs, per request: its
-own token budget, its own seed (a per-row ``torch.Generator``: a row's random draws are its own; the logits
-themselves can differ in their last bits with what shares the batch, since padding changes the kernels'
-shapes), and its own stop strings, and it needs each row handed back the moment it stops so its code can run
-while the rest of the batch keeps decoding. Finished rows are dropped from the KV cache as they go.
+A decoding loop of our own instead of ``model.generate``, because the TIR loop needs, per request: its own token
+budget, its own seed (a per-row ``torch.Generator``: a row's random draws are its own; the logits themselves can
+differ in their last bits with what shares the batch, since padding changes the kernels' shapes), and its own
+stop strings, and it needs each row handed back the moment it stops so its code can run while the rest keep
+decoding.
+
+Continuous: one running batch. A request that arrives while it decodes (a trajectory back from the sandbox)
+joins it at the next step: its new tokens are prefilled on their own and its KV rows are merged into the batch
+cache (left padding), and a row that finishes leaves at once. A row that stops at a code block leaves its KV
+behind (``PrefixCache``); its next round (the same ids + the code output) prefills only what was added.
+Sampling runs on the whole batch's tensors: top-p over the top ``_TOP_P_CANDIDATES`` tokens (a partial sort),
+the full distribution only for a row whose nucleus reaches beyond them; each row draws its own uniform number
+from its own generator, so seeds stay per row.
 """
 
 from __future__ import annotations
@@ -12,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,13 +31,115 @@ from mathtir.eval.samplers import Generation, GenerationRequest
 
 # Stop strings are short ("```", "</llm-code>"): the newest 16 tokens always cover one that just completed.
 _STOP_WINDOW_TOKENS = 16
+# top-p looks at this many most likely tokens first; a nucleus wider than that falls back to a full sort.
+_TOP_P_CANDIDATES = 256
+
+
+@dataclass
+class _Row:
+    request: GenerationRequest
+    future: asyncio.Future
+    generator: torch.Generator
+    new_ids: list[int] = field(default_factory=list)
+    length: int = 0                # real tokens in the KV cache (the row's next position id)
+
+
+class PrefixCache:
+    """KV tensors of trajectories that stopped for code execution, keyed by the ids they cover, oldest evicted
+    first beyond ``max_bytes``. A hit is removed: the trajectory's next stop stores its longer prefix."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self._lengths: dict[int, int] = {}  # key length -> entries of that length
+        self.bytes = 0
+        self.hits = self.misses = self.reused_tokens = 0
+
+    @staticmethod
+    def _size(kv) -> int:
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+
+    def put(self, ids: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        size = self._size(kv)
+        if not ids or size > self.max_bytes:
+            return
+        key = tuple(ids)
+        if key in self._entries:
+            self._drop(key)
+        self._entries[key] = kv
+        self._lengths[len(key)] = self._lengths.get(len(key), 0) + 1
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            self._drop(next(iter(self._entries)))
+
+    def take(self, ids: list[int]):
+        """The longest stored prefix of ids shorter than ids (at least one id is left to prefill): (n, kv)."""
+        for n in sorted(self._lengths, reverse=True):
+            if n < len(ids):
+                key = tuple(ids[:n])
+                if key in self._entries:
+                    kv = self._entries[key]
+                    self._drop(key)
+                    self.hits += 1
+                    self.reused_tokens += n
+                    return n, kv
+        self.misses += 1
+        return 0, None
+
+    def _drop(self, key) -> None:
+        kv = self._entries.pop(key)
+        self.bytes -= self._size(kv)
+        self._lengths[len(key)] -= 1
+        if not self._lengths[len(key)]:
+            del self._lengths[len(key)]
+
+
+def sample_rows(logits: torch.Tensor, temperatures: torch.Tensor, top_ps: torch.Tensor,
+                generators: list[torch.Generator]) -> torch.Tensor:
+    """One token per row of logits [B, V], on the batch's tensors: greedy where the temperature is 0, else
+    inverse-CDF sampling of the top-p nucleus with one uniform draw from each row's own generator."""
+    logits = logits.float()
+    greedy = temperatures <= 0
+    tokens = logits.argmax(-1)
+    if bool(greedy.all()):
+        return tokens
+    uniforms = torch.stack([torch.rand((), generator=g, device=logits.device) for g in generators])
+    probs = torch.softmax(logits / torch.where(greedy, 1.0, temperatures)[:, None], dim=-1)
+    k = min(_TOP_P_CANDIDATES, probs.shape[-1])
+    values, indices = probs.topk(k, dim=-1)
+    before = values.cumsum(-1) - values
+    # the smallest prefix whose mass reaches top_p (always the top token); rows whose nucleus is not inside
+    # the candidates (top_p 1, or a flat distribution) sample from the full distribution instead
+    keep = before < top_ps[:, None]
+    wide = ~greedy & keep[:, -1] & ((before[:, -1] + values[:, -1]) < top_ps)
+    chosen = _inverse_cdf(values * keep, uniforms)
+    tokens = torch.where(greedy, tokens, indices.gather(-1, chosen[:, None])[:, 0])
+    whole = wide & (top_ps >= 1)  # no nucleus: the whole distribution, in vocabulary order
+    if bool(whole.any()):
+        rows = whole.nonzero()[:, 0]
+        tokens[rows] = _inverse_cdf(probs[rows], uniforms[rows])
+    if bool((wide & ~whole).any()):
+        rows = (wide & ~whole).nonzero()[:, 0]
+        sorted_probs, order = probs[rows].sort(dim=-1, descending=True)
+        sorted_probs = sorted_probs * ((sorted_probs.cumsum(-1) - sorted_probs) < top_ps[rows, None])
+        picked = _inverse_cdf(sorted_probs, uniforms[rows])
+        tokens[rows] = order.gather(-1, picked[:, None])[:, 0]
+    return tokens
+
+
+def _inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    cdf = weights.cumsum(-1)
+    index = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True)[:, 0]
+    return index.clamp(max=weights.shape[-1] - 1)
 
 
 class HFSampler:
     uses_token_ids = True
+    chat = False
 
     def __init__(self, model_dir: str | Path, *, max_batch_size: int = 32, dtype: str = "auto",
-                 device: str | None = None, num_threads: int | None = None, batch_wait_s: float = 0.02):
+                 device: str | None = None, num_threads: int | None = None, batch_wait_s: float = 0.02,
+                 prefix_cache_mb: int = 2048):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if num_threads:
@@ -44,10 +157,14 @@ class HFSampler:
             self.pad_id = min(self.eos_ids) if self.eos_ids else 0
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
-        self._pending: list[tuple[GenerationRequest, asyncio.Future]] = []
+        self.prefix_cache = PrefixCache(prefix_cache_mb * 1024 * 1024)
+        self._arriving: list[tuple[GenerationRequest, asyncio.Future]] = []  # this event-loop pass's requests
+        self._pending: list[tuple[GenerationRequest, asyncio.Future]] = []   # handed to the decoding thread
+        self._pending_lock = threading.Lock()
         self._have_work: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
-        self._stats = {"batches": 0, "rows": 0, "generated_tokens": 0, "busy_s": 0.0}
+        self._stats = {"batches": 0, "rows": 0, "steps": 0, "peak_rows": 0, "generated_tokens": 0, "prefilled_tokens": 0,
+                       "busy_s": 0.0}
         self._stats_lock = threading.Lock()
 
     def _eos_ids(self) -> set[int]:
@@ -58,7 +175,7 @@ class HFSampler:
                 ids.add(int(value))
         return ids
 
-    # -- the asyncio side: collect concurrent requests into batches ----------------------------------------
+    # -- the asyncio side: hand requests to the running batch -----------------------------------------------
     async def generate(self, request: GenerationRequest) -> Generation:
         if not request.prompt_ids:
             raise ValueError("HFSampler needs prompt_ids")
@@ -68,99 +185,165 @@ class HFSampler:
         if self._worker is None or self._worker.get_loop() is not loop:
             # One batching task per event loop (a Ray actor has one; scripts may asyncio.run several times).
             self._have_work = asyncio.Event()
-            self._pending = []
+            self._arriving = []
+            with self._pending_lock:
+                self._pending = []
             self._worker = loop.create_task(self._batch_loop())
         future = loop.create_future()
-        self._pending.append((request, future))
-        self._have_work.set()
+        if not self._arriving:
+            loop.call_soon(self._publish)
+        self._arriving.append((request, future))
         return await future
+
+    def _publish(self) -> None:
+        # Requests made in the same event-loop pass reach the batch together (one batch composition for the
+        # same concurrent requests, whatever the decoding thread is doing meanwhile).
+        with self._pending_lock:
+            self._pending += self._arriving
+        self._arriving = []
+        self._have_work.set()
 
     async def _batch_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await self._have_work.wait()
-            await asyncio.sleep(self.batch_wait_s)  # let requests that arrive together share a batch
-            batch = self._pending[: self.max_batch_size]
-            del self._pending[: self.max_batch_size]
-            if not self._pending:
-                self._have_work.clear()
+            await asyncio.sleep(self.batch_wait_s)  # let requests that arrive together start together
+            self._have_work.clear()
             try:
-                await asyncio.to_thread(self._decode_batch, batch, loop)
-            except Exception as e:  # hand the error to every caller still waiting, keep serving
-                for _, future in batch:
-                    if not future.done():
-                        loop.call_soon_threadsafe(_set_exception, future, e)
+                # decodes until no row is left and nothing waits; later arrivals join inside
+                await asyncio.to_thread(self._run_batch, loop)
+            except Exception:  # its callers got the error (_run_batch); keep serving the others
+                pass
 
-    # -- the decoding loop (runs in a thread) ---------------------------------------------------------------
+    def _admit(self, free: int) -> list[tuple[GenerationRequest, asyncio.Future]]:
+        with self._pending_lock:
+            taken = self._pending[:free]
+            del self._pending[:free]
+        return taken
+
+    # -- the running batch (in a thread) --------------------------------------------------------------------
     @torch.inference_mode()
-    def _decode_batch(self, batch, loop) -> None:
+    def _run_batch(self, loop) -> None:
         started = time.perf_counter()
-        requests = [r for r, _ in batch]
-        n = len(requests)
-        with self._stats_lock:
-            self._stats["batches"] += 1
-            self._stats["rows"] += n
-        width = max(len(r.prompt_ids) for r in requests)
-        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((n, width), dtype=torch.long)
-        for i, r in enumerate(requests):  # left padding: every row's next token lands in the last column
-            input_ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            attention_mask[i, width - len(r.prompt_ids):] = 1
-        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        generators = [torch.Generator(device=self.device).manual_seed(r.seed) for r in requests]
-        new_ids: list[list[int]] = [[] for _ in requests]
-        rows = list(range(n))  # batch row -> request index
-        cache = None
-        while rows:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
-            next_tokens = self._sample(out.logits[:, -1, :], [requests[i] for i in rows],
-                                       [generators[i] for i in rows])
+        rows: list[_Row] = []
+        arrivals: list[tuple[GenerationRequest, asyncio.Future]] = []
+        cache = None                      # the batch's KV: one (keys, values) [B, heads, width, dim] per layer
+        mask = None                       # [B, width]: 1 where the cache holds a real token
+        next_tokens = None                # [B]: each row's last sampled token, fed at the next step
+        joined = False
+        try:
+            while True:
+                arrivals = self._admit(self.max_batch_size - len(rows))
+                if not rows and not arrivals:
+                    return
+                if not joined:
+                    joined = True
+                    with self._stats_lock:
+                        self._stats["batches"] += 1
+                logits = []
+                if rows:
+                    positions = torch.tensor([[r.length] for r in rows], device=self.device)
+                    mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+                    out = self.model(input_ids=next_tokens[:, None], attention_mask=mask, position_ids=positions,
+                                     past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    cache = out.past_key_values
+                    logits.append(out.logits[:, -1, :])
+                    for r in rows:
+                        r.length += 1
+                if arrivals:
+                    new_rows, new_kv, new_logits = self._prefill(arrivals)
+                    cache, mask = self._merge(cache, mask, new_kv, [r.length for r in new_rows])
+                    rows += new_rows
+                    arrivals = []
+                    logits.append(new_logits)
+                tokens = sample_rows(
+                    torch.cat(logits), torch.tensor([r.request.temperature for r in rows], device=self.device),
+                    torch.tensor([r.request.top_p for r in rows], device=self.device),
+                    [r.generator for r in rows])
+                with self._stats_lock:
+                    self._stats["steps"] += 1
+                    self._stats["peak_rows"] = max(self._stats["peak_rows"], len(rows))
+                    self._stats["generated_tokens"] += len(rows)
+                keep = []
+                for j, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
+                    row.new_ids.append(token)
+                    reason = self._finish_reason(row.request, row.new_ids, token)
+                    if reason is None:
+                        keep.append(j)
+                        continue
+                    if reason == "stop":  # the trajectory comes back after its code runs: keep its KV
+                        self.prefix_cache.put(row.request.prompt_ids + row.new_ids[:-1],
+                                              self._row_kv(cache, j, row.length))
+                    loop.call_soon_threadsafe(_set_result, row.future, self._generation(row.new_ids, reason))
+                if len(keep) < len(rows):
+                    rows = [rows[j] for j in keep]
+                    if not rows:
+                        cache = mask = None
+                        continue
+                    index = torch.tensor(keep, device=self.device)
+                    cache.batch_select_indices(index)
+                    mask, tokens = mask[index], tokens[index]
+                    cache, mask = _trim_left(cache, mask)
+                next_tokens = tokens
+        except Exception as e:  # every row of this batch fails with the error; later requests start afresh
+            for future in [r.future for r in rows] + [f for _, f in arrivals]:
+                loop.call_soon_threadsafe(_set_exception, future, e)
+            raise
+        finally:
             with self._stats_lock:
-                self._stats["generated_tokens"] += len(rows)
-            keep = []
-            for j, i in enumerate(rows):
-                token = int(next_tokens[j])
-                new_ids[i].append(token)
-                reason = self._finish_reason(requests[i], new_ids[i], token)
-                if reason is None:
-                    keep.append(j)
-                else:
-                    generation = self._generation(new_ids[i], reason)
-                    loop.call_soon_threadsafe(_set_result, batch[i][1], generation)
-            next_positions = position_ids[:, -1:] + 1
-            if len(keep) < len(rows):
-                if not keep:
-                    break
-                index = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(index)
-                attention_mask, next_tokens, next_positions = (
-                    attention_mask[index], next_tokens[index], next_positions[index])
-                rows = [rows[j] for j in keep]
-            input_ids = next_tokens[:, None]
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=1)
-            position_ids = next_positions
-        with self._stats_lock:
-            self._stats["busy_s"] += time.perf_counter() - started
+                self._stats["busy_s"] += time.perf_counter() - started
 
-    def _sample(self, logits: torch.Tensor, requests, generators) -> torch.Tensor:
-        tokens = []
-        for row, request, generator in zip(logits.float(), requests, generators, strict=True):
-            if request.temperature <= 0:
-                tokens.append(row.argmax())
-                continue
-            probs = torch.softmax(row / request.temperature, dim=-1)
-            if request.top_p < 1.0:
-                sorted_probs, order = probs.sort(descending=True)
-                # keep the smallest prefix whose mass reaches top_p (always at least the top token)
-                sorted_probs[(sorted_probs.cumsum(-1) - sorted_probs) >= request.top_p] = 0
-                choice = torch.multinomial(sorted_probs, 1, generator=generator)
-                tokens.append(order[choice[0]])
-            else:
-                tokens.append(torch.multinomial(probs, 1, generator=generator)[0])
-        return torch.stack(tokens)
+    def _prefill(self, arrivals):
+        """Each arriving request's KV (from its stored prefix where there is one) and its next-token logits."""
+        from transformers import DynamicCache
+
+        rows, kvs, logits = [], [], []
+        for request, future in arrivals:
+            reused, kv = self.prefix_cache.take(request.prompt_ids)
+            cache = DynamicCache()
+            for layer, (k, v) in enumerate(kv or []):
+                cache.update(k, v, layer)
+            suffix = torch.tensor([request.prompt_ids[reused:]], device=self.device)
+            n = len(request.prompt_ids)
+            out = self.model(input_ids=suffix, attention_mask=torch.ones((1, n), dtype=torch.long,
+                                                                         device=self.device),
+                             position_ids=torch.arange(reused, n, device=self.device)[None],
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+            kvs.append([(layer.keys, layer.values) for layer in out.past_key_values.layers])
+            logits.append(out.logits[:, -1, :])
+            generator = torch.Generator(device=self.device).manual_seed(request.seed)
+            rows.append(_Row(request, future, generator, length=n))
+            with self._stats_lock:
+                self._stats["rows"] += 1
+                self._stats["prefilled_tokens"] += n - reused
+        return rows, kvs, torch.cat(logits)
+
+    def _merge(self, cache, mask, new_kv, lengths):
+        """The batch cache with the new rows appended below, everything left-padded to one width."""
+        from transformers import DynamicCache
+
+        old_width = mask.shape[1] if mask is not None else 0
+        width = max([old_width, *lengths])
+        new_mask = torch.zeros((len(lengths), width), dtype=torch.long, device=self.device)
+        for i, n in enumerate(lengths):
+            new_mask[i, width - n:] = 1
+        merged = DynamicCache()
+        for layer in range(len(new_kv[0])):
+            keys = [_pad_left(kv[layer][0], width) for kv in new_kv]
+            values = [_pad_left(kv[layer][1], width) for kv in new_kv]
+            if cache is not None:
+                keys.insert(0, _pad_left(cache.layers[layer].keys, width))
+                values.insert(0, _pad_left(cache.layers[layer].values, width))
+            merged.update(torch.cat(keys), torch.cat(values), layer)
+        if mask is not None:
+            new_mask = torch.cat([torch.nn.functional.pad(mask, (width - old_width, 0)), new_mask])
+        return merged, new_mask
+
+    @staticmethod
+    def _row_kv(cache, j: int, length: int):
+        # the row's real tokens are its last `length` columns (left padding); cloned so the batch can move on
+        return [(layer.keys[j:j + 1, :, -length:].clone(), layer.values[j:j + 1, :, -length:].clone())
+                for layer in cache.layers]
 
     def _finish_reason(self, request: GenerationRequest, ids: list[int], token: int) -> str | None:
         if token in self.eos_ids:
@@ -180,7 +363,26 @@ class HFSampler:
 
     def stats(self) -> dict:
         with self._stats_lock:
-            return dict(self._stats, backend="hf", device=str(self.device))
+            stats = dict(self._stats, backend="hf", device=str(self.device))
+        stats["prefix_cache"] = {"hits": self.prefix_cache.hits, "misses": self.prefix_cache.misses,
+                                 "reused_tokens": self.prefix_cache.reused_tokens}
+        return stats
+
+
+def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    missing = width - tensor.shape[-2]
+    return torch.nn.functional.pad(tensor, (0, 0, missing, 0)) if missing else tensor
+
+
+def _trim_left(cache, mask):
+    """Drops leading columns that no remaining row uses (rows with long prompts left)."""
+    used = mask.any(0).nonzero()
+    first = int(used[0]) if len(used) else mask.shape[1]
+    if first == 0:
+        return cache, mask
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+    return cache, mask[:, first:]
 
 
 def _set_result(future: asyncio.Future, value) -> None:

@@ -1,8 +1,13 @@
 """vLLM sampler: one AsyncLLMEngine per actor (one GPU, or a tensor-parallel group of --sampler-gpus).
 
-A thin adapter, untested on this platform: vLLM needs a GPU and does not install here (the README says so).
-It speaks token ids like the HF sampler, so the TIR loop's budget stays exact, and vLLM's own continuous
-batching keeps every trajectory in flight on the GPU.
+A thin adapter, untested on this platform: vLLM needs a GPU and does not install here (the README says so and
+names the versions it is written against: 0.10 and 0.11, the V1 engine behind ``AsyncLLMEngine``). It speaks
+token ids like the HF sampler, so the TIR loop's budget stays exact, and vLLM's own continuous batching keeps
+every trajectory in flight on the GPU. Prefix caching is on by default: each round of a trajectory repeats
+the previous rounds as its prompt, and the engine reuses their KV blocks instead of prefilling them again.
+
+At TP>1 the engine's Ray executor starts one worker per GPU inside the placement group the job made for this
+replica (``mathtir.eval.actors.place_sampler_replicas``): the actor holds no GPU of its own.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ from mathtir.eval.samplers import Generation, GenerationRequest
 
 class VLLMSampler:
     uses_token_ids = True
+    chat = False
 
     def __init__(self, model_dir: str | Path, *, tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.9, max_model_len: int | None = None):
+                 gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
+                 max_num_seqs: int = 256, enable_prefix_caching: bool = True):
         try:
             from vllm import AsyncEngineArgs, AsyncLLMEngine
         except ImportError as e:
@@ -25,8 +32,10 @@ class VLLMSampler:
                                "container has it); use --backend hf on machines without a GPU") from e
         engine_args = AsyncEngineArgs(
             model=str(model_dir), tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-            distributed_executor_backend="ray" if tensor_parallel_size > 1 else None)
+            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+            enable_prefix_caching=enable_prefix_caching,
+            # TP>1: Ray workers in the current placement group (the replica's); TP=1: in this process
+            distributed_executor_backend="ray" if tensor_parallel_size > 1 else "uni")
         self.engine = AsyncLLMEngine.from_engine_args(engine_args)
         self._stats = {"requests": 0, "generated_tokens": 0}
 
