@@ -94,8 +94,13 @@ def runs(tmp_path_factory, tiny_init, tiny_shards) -> dict:  # noqa: F811
 
 @pytest.mark.parametrize("layout", list(BACKEND_LAYOUTS))
 def test_sdpa_losses_equal_the_local_masked_path(runs, layout):
+    import yaml
+
     local, sdpa = runs[f"local_{layout}"], runs[f"sdpa_{layout}"]
     assert len(local) == len(sdpa) == 4
+    for backend, core in (("local", "DotProductAttention"), ("sdpa", "SdpaCoreAttention")):
+        resolved = yaml.safe_load((runs["dirs"] / f"{backend}_{layout}" / "resolved_config.yaml").read_text())
+        assert resolved["resolved"]["core_attention"] == core
     np.testing.assert_allclose([r["loss"] for r in sdpa], [r["loss"] for r in local], rtol=0, atol=1e-5)
     np.testing.assert_allclose([r["grad_norm"] for r in sdpa], [r["grad_norm"] for r in local], rtol=1e-4)
     assert sdpa[-1]["loss"] < sdpa[0]["loss"]  # the runs really train
@@ -103,9 +108,21 @@ def test_sdpa_losses_equal_the_local_masked_path(runs, layout):
 
 @pytest.mark.parametrize("name", list(KNOB_RUNS))
 def test_recompute_and_overlap_do_not_change_the_losses(runs, name):
+    import yaml
+
     layout, _ = KNOB_RUNS[name]
     np.testing.assert_allclose([r["loss"] for r in runs[name]], [r["loss"] for r in runs[f"sdpa_{layout}"]],
                                rtol=0, atol=1e-5)
+    # the knobs reached megatron (the resolved config reads them back from its config objects)
+    resolved = yaml.safe_load((runs["dirs"] / name / "resolved_config.yaml").read_text())["resolved"]
+    plain = yaml.safe_load((runs["dirs"] / f"sdpa_{layout}" / "resolved_config.yaml").read_text())["resolved"]
+    expected = {"tp2_recompute_full": ("recompute", {"recompute_granularity": "full", "recompute_method": "uniform",
+                                                     "recompute_num_layers": 1}),
+                "pp2_recompute_selective": ("recompute", {"recompute_granularity": "selective",
+                                                          "recompute_method": None, "recompute_num_layers": None}),
+                "dp2_overlap": ("overlap", {"overlap_grad_reduce": True, "overlap_param_gather": True})}[name]
+    assert resolved[expected[0]] == expected[1]
+    assert plain[expected[0]] != expected[1]
 
 
 def test_resolved_config_is_written_to_the_run_dir_and_the_log(runs):
@@ -116,8 +133,9 @@ def test_resolved_config_is_written_to_the_run_dir_and_the_log(runs):
     assert resolved["resolved"]["attention_backend"] == "sdpa"  # auto on a machine without TE and GPU
     assert resolved["model"]["recompute_granularity"] == "full"
     assert resolved["resolved"]["tensor_parallel"] == 2 and resolved["resolved"]["data_parallel"] == 1
+    assert resolved["resolved"]["core_attention"] == "SdpaCoreAttention"
     assert resolved["resolved"]["fused_kernels"] == {"bias_activation_fusion": False, "apply_rope_fusion": False,
-                                                     "masked_softmax_fusion": False}
+                                                     "masked_softmax_fusion": False}  # none on this CPU
     assert f"resolved config ({runs['dirs'] / 'tp2_recompute_full' / 'resolved_config.yaml'})" in runs["stderr"]
 
 

@@ -153,6 +153,11 @@ class TorchCoreAttention(torch.nn.Module):
             kwargs["is_causal"] = True
         else:
             kwargs["attn_mask"] = _sdpa_masks.get(doc_ids)
+            if q.is_cuda and self.groups != self.heads:
+                # CUDA's masked (memory-efficient) kernel takes no grouped K/V: without this SDPA falls back
+                # to the math path, which keeps the s x s probabilities of every layer for backward
+                k, v = (t.repeat_interleave(self.heads // self.groups, dim=1) for t in (k, v))
+                kwargs["enable_gqa"] = False
         if dropout and not self.config.sequence_parallel:
             # as megatron's local attention: dropout draws from the model-parallel RNG stream
             with tensor_parallel.get_cuda_rng_tracker().fork():

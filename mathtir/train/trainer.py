@@ -84,8 +84,15 @@ class Trainer:
         from mathtir.files import atomic_write_text
 
         resolved = OmegaConf.to_container(self.cfg, resolve=True)
+        # read back from megatron's own config objects: what the model and DDP really run with
+        config, ddp_config = self.chunks[0].config, self.model[0].ddp_config
         resolved["resolved"] = {
-            "attention_backend": self.attention_backend, "fused_kernels": self.fusions,
+            "attention_backend": self.attention_backend,
+            "fused_kernels": {name: getattr(config, name) for name in self.fusions},
+            "recompute": {name: getattr(config, name) for name in
+                          ("recompute_granularity", "recompute_method", "recompute_num_layers")},
+            "overlap": {name: getattr(ddp_config, name) for name in ("overlap_grad_reduce", "overlap_param_gather")},
+            "core_attention": type(self.chunks[0].decoder.layers[0].self_attention.core_attention).__name__,
             "tensor_parallel": self.tp, "pipeline_parallel": self.pp, "data_parallel": self.dp,
             "virtual_pipeline": self.vp, "world_size": self.world_size, "device": str(self.device),
             "params_dtype": str(self.params_dtype).removeprefix("torch."),
