@@ -23,6 +23,12 @@ import pytest
 from test_train import LAUNCH_ENV, PYTHON, REPO, SMOKE, tiny_init, tiny_llama4_dir, tiny_shards, torchrun  # noqa: F401
 
 
+def _resolved(path: Path) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(path))
+
+
 def _worker(command: str, *args: str) -> subprocess.CompletedProcess:
     """A world-of-one worker of this file in its own process (megatron's parallel state is per process)."""
     return subprocess.run([PYTHON, __file__, command, *args], cwd=REPO, env={**os.environ, **LAUNCH_ENV},
@@ -94,12 +100,10 @@ def runs(tmp_path_factory, tiny_init, tiny_shards) -> dict:  # noqa: F811
 
 @pytest.mark.parametrize("layout", list(BACKEND_LAYOUTS))
 def test_sdpa_losses_equal_the_local_masked_path(runs, layout):
-    import yaml
-
     local, sdpa = runs[f"local_{layout}"], runs[f"sdpa_{layout}"]
     assert len(local) == len(sdpa) == 4
     for backend, core in (("local", "DotProductAttention"), ("sdpa", "SdpaCoreAttention")):
-        resolved = yaml.safe_load((runs["dirs"] / f"{backend}_{layout}" / "resolved_config.yaml").read_text())
+        resolved = _resolved(runs["dirs"] / f"{backend}_{layout}" / "resolved_config.yaml")
         assert resolved["resolved"]["core_attention"] == core
     np.testing.assert_allclose([r["loss"] for r in sdpa], [r["loss"] for r in local], rtol=0, atol=1e-5)
     np.testing.assert_allclose([r["grad_norm"] for r in sdpa], [r["grad_norm"] for r in local], rtol=1e-4)
@@ -108,14 +112,12 @@ def test_sdpa_losses_equal_the_local_masked_path(runs, layout):
 
 @pytest.mark.parametrize("name", list(KNOB_RUNS))
 def test_recompute_and_overlap_do_not_change_the_losses(runs, name):
-    import yaml
-
     layout, _ = KNOB_RUNS[name]
     np.testing.assert_allclose([r["loss"] for r in runs[name]], [r["loss"] for r in runs[f"sdpa_{layout}"]],
                                rtol=0, atol=1e-5)
     # the knobs reached megatron (the resolved config reads them back from its config objects)
-    resolved = yaml.safe_load((runs["dirs"] / name / "resolved_config.yaml").read_text())["resolved"]
-    plain = yaml.safe_load((runs["dirs"] / f"sdpa_{layout}" / "resolved_config.yaml").read_text())["resolved"]
+    resolved = _resolved(runs["dirs"] / name / "resolved_config.yaml")["resolved"]
+    plain = _resolved(runs["dirs"] / f"sdpa_{layout}" / "resolved_config.yaml")["resolved"]
     expected = {"tp2_recompute_full": ("recompute", {"recompute_granularity": "full", "recompute_method": "uniform",
                                                      "recompute_num_layers": 1}),
                 "pp2_recompute_selective": ("recompute", {"recompute_granularity": "selective",
@@ -126,9 +128,7 @@ def test_recompute_and_overlap_do_not_change_the_losses(runs, name):
 
 
 def test_resolved_config_is_written_to_the_run_dir_and_the_log(runs):
-    import yaml
-
-    resolved = yaml.safe_load((runs["dirs"] / "tp2_recompute_full" / "resolved_config.yaml").read_text())
+    resolved = _resolved(runs["dirs"] / "tp2_recompute_full" / "resolved_config.yaml")
     assert resolved["model"]["attention_backend"] == "auto"
     assert resolved["resolved"]["attention_backend"] == "sdpa"  # auto on a machine without TE and GPU
     assert resolved["model"]["recompute_granularity"] == "full"

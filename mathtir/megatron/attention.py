@@ -19,6 +19,7 @@ docs/attention.md explains the choice of kernels and the measurements.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -75,7 +76,8 @@ def _flex_block_mask(doc_ids: torch.Tensor):
     return create_block_mask(same_document_causal, b, None, s, s, device=doc_ids.device)
 
 
-def _flex_causal_mask(b: int, s: int, device):
+@functools.lru_cache(maxsize=8)
+def _flex_causal_mask(b: int, s: int, device: torch.device):
     from torch.nn.attention.flex_attention import create_block_mask
 
     return create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, b, None, s, s, device=device)
