@@ -64,13 +64,13 @@ EOF
 )
   backends=sdpa,flex
   shape=(--layers "$layers" --hidden 4096 --heads 32 --kv-heads 8 --ffn 14336 --vocab 128256 --seq 4096
-         --micro-batch 1 --steps 5 --warmup 2 --backends "$backends")
+         --micro-batch 1 --steps 5 --warmup 2 --rounds 1 --backends "$backends")
   budget=360
 else
   layers=2
   backends=local,sdpa
   shape=(--layers 2 --hidden 256 --heads 4 --kv-heads 2 --ffn 512 --vocab 1024 --seq 256 --micro-batch 2
-         --steps 2 --warmup 1 --backends "$backends")
+         --steps 2 --warmup 1 --rounds 1 --backends "$backends")
   budget=300
 fi
 echo "gpu_check: training steps, ${shape[*]}"

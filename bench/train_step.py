@@ -6,9 +6,9 @@ PyTorch-kernel backends of mathtir.megatron.attention (SDPA over document masks;
     python bench/train_step.py --backends local,sdpa,flex --layers 4 --hidden 4096 --heads 32 --kv-heads 8 \\
         --ffn 14336 --vocab 128256 --seq 4096      # GPU: an 8B-shaped slice
 
-Each backend runs in a fresh child process (TP=PP=DP=1, the trainer's model, optimizer and per-token loss
-on packed rows of several documents, masked as the trainer masks them), so its peak RSS (CPU) or peak
-allocated memory (GPU) is its own. The parent prints one JSON report with each backend's step time, tokens/s,
+Each backend runs in fresh child processes, `--rounds` of them in ABBA order (TP=PP=DP=1, the trainer's model,
+optimizer and per-token loss on packed rows of several documents, masked as the trainer masks them), so its
+peak RSS (CPU) or peak allocated memory (GPU) is its own. The parent prints one JSON report with each backend's step time, tokens/s,
 MFU, peak memory and per-step losses (the same weights and tokens for every backend, so they must agree),
 and the ratios to the first backend (the baseline). Model FLOPs per token follow mathtir.train.throughput.
 MFU is against the matmul rate measured in the same run (best of several GEMMs: bf16 8192^3 on a GPU, fp32
@@ -46,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3, help="timed steps (after --warmup); the median is reported")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--backends", default="local,sdpa", help="comma-separated; the first is the baseline")
+    p.add_argument("--rounds", type=int, default=2, help="fresh processes per backend, in ABBA order; the "
+                   "median over all their timed steps is reported")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # one backend, in a child process
     return p.parse_args(argv)
 
@@ -174,17 +176,27 @@ def main() -> None:
     flops_per_step = train_flops_per_token(spec, a.seq) * tokens_per_step
     backends = a.backends.split(",")
     results = {}
-    for backend in backends:
-        res = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker", backend], cwd=REPO,
-                             capture_output=True, text=True, check=False)
-        if res.returncode != 0:
-            raise SystemExit(f"bench/train_step.py: backend {backend} failed (exit status {res.returncode}):\n"
-                             f"{res.stderr[-3000:]}")
-        r = json.loads(res.stdout.splitlines()[-1])
-        tflops = flops_per_step / r["step_s"] / 1e12
-        r.update(tokens_per_s=round(tokens_per_step / r["step_s"], 1), model_tflops=round(tflops, 3),
-                 mfu=round(tflops / peak, 4))
-        results[backend] = r
+    # Rounds in ABBA order (the second round reversed, and so on): on a shared machine the load drifts, and
+    # alternating gives every backend the same share of good and bad moments.
+    runs = {backend: [] for backend in backends}
+    for round_index in range(a.rounds):
+        for backend in backends if round_index % 2 == 0 else backends[::-1]:
+            res = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker", backend], cwd=REPO,
+                                 capture_output=True, text=True, check=False)
+            if res.returncode != 0:
+                raise SystemExit(f"bench/train_step.py: backend {backend} failed (exit status {res.returncode}):\n"
+                                 f"{res.stderr[-3000:]}")
+            runs[backend].append(json.loads(res.stdout.splitlines()[-1]))
+    for backend, worker_runs in runs.items():
+        times = [t for r in worker_runs for t in r["step_s_all"]]
+        step_s = statistics.median(times)
+        tflops = flops_per_step / step_s / 1e12
+        results[backend] = {
+            "step_s": round(step_s, 4), "step_s_all": times, "tokens_per_s": round(tokens_per_step / step_s, 1),
+            "model_tflops": round(tflops, 3), "mfu": round(tflops / peak, 4),
+            "peak_memory_gb": max(r["peak_memory_gb"] for r in worker_runs),
+            "memory_kind": worker_runs[0]["memory_kind"], "losses": worker_runs[0]["losses"],
+            "losses_repeat_exactly": all(r["losses"] == worker_runs[0]["losses"] for r in worker_runs)}
     baseline = results[backends[0]]
     ratios = {b: {"step_time_vs_" + backends[0]: round(r["step_s"] / baseline["step_s"], 3),
                   "peak_memory_vs_" + backends[0]: round(r["peak_memory_gb"] / baseline["peak_memory_gb"], 3)}

@@ -39,13 +39,19 @@ def _worker(command: str, *args: str) -> subprocess.CompletedProcess:
 def test_document_ids_give_the_block_causal_mask():
     import torch
 
-    from mathtir.megatron.attention import _allowed, document_ids, one_document_per_row
+    from mathtir.megatron.attention import document_ids, document_spans, one_document_per_row
     from mathtir.train.batches import block_causal_mask
 
     offsets = [torch.tensor([0, 3, 7]), torch.tensor([0, 10]), torch.tensor([0, 4])]
     ids = document_ids(offsets, 10)
     assert ids.tolist()[0] == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2]  # the padding after the last document: one more
-    assert torch.equal(_allowed(ids), ~block_causal_mask(offsets, 10))
+    spans = document_spans(ids)
+    assert spans == [[(0, 3), (3, 7), (7, 10)], [(0, 10)], [(0, 4), (4, 10)]]
+    allowed = torch.zeros(3, 1, 10, 10, dtype=torch.bool)  # causal inside each span = the block-causal mask
+    for b, row in enumerate(spans):
+        for start, end in row:
+            allowed[b, 0, start:end, start:end] = torch.ones(end - start, end - start, dtype=torch.bool).tril()
+    assert torch.equal(allowed, ~block_causal_mask(offsets, 10))
     assert one_document_per_row(offsets[1:]) and not one_document_per_row(offsets)
 
 

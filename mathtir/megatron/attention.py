@@ -10,9 +10,10 @@ What reaches the core attention as `attention_mask` (megatron passes it through 
 full recompute, which is why it has to be a tensor):
 
 * None: a plain causal batch (one document per row, or documents followed only by padding);
-* `DOCUMENT_IDS`: a [b, s] integer tensor, the document index of every position of a packed row
-  (`document_ids`); a position attends causally inside its own document only. The s x s mask is built
-  here, once per micro-batch and shape, as a boolean [b, 1, s, s] (SDPA) or a block mask (flex).
+* a [b, s] integer tensor, the document index of every position of a packed row (`document_ids`); a
+  position attends causally inside its own document only. SDPA then runs once per document with its causal
+  (mask-free) kernel, on spans found once per micro-batch; flex builds a block mask from the ids, once per
+  micro-batch.
 
 docs/attention.md explains the choice of kernels and the measurements.
 """
@@ -41,11 +42,14 @@ def one_document_per_row(doc_offsets_batch: list[torch.Tensor]) -> bool:
     return all(len(offsets) <= 2 for offsets in doc_offsets_batch)
 
 
-def _allowed(doc_ids: torch.Tensor) -> torch.Tensor:
-    """[b, 1, s, s] bool, True = may attend: causal within the same document."""
-    s = doc_ids.shape[1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=doc_ids.device).tril()
-    return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal).unsqueeze(1)
+def document_spans(doc_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Per row, the [start, end) position range of each document (consecutive equal ids)."""
+    spans = []
+    for row in doc_ids:
+        _, counts = torch.unique_consecutive(row, return_counts=True)
+        ends = counts.cumsum(0).tolist()
+        spans.append(list(zip([0, *ends[:-1]], ends, strict=True)))
+    return spans
 
 
 class _PerBatchCache:
@@ -63,7 +67,7 @@ class _PerBatchCache:
         return self.value
 
 
-_sdpa_masks = _PerBatchCache(_allowed)
+_sdpa_spans = _PerBatchCache(document_spans)
 
 
 def _flex_block_mask(doc_ids: torch.Tensor):
@@ -150,21 +154,24 @@ class TorchCoreAttention(torch.nn.Module):
     def _sdpa(self, q, k, v, doc_ids, dropout):
         from megatron.core import tensor_parallel
 
-        kwargs = dict(dropout_p=dropout, scale=self.softmax_scale, enable_gqa=self.groups != self.heads)
-        if doc_ids is None:
-            kwargs["is_causal"] = True
-        else:
-            kwargs["attn_mask"] = _sdpa_masks.get(doc_ids)
-            if q.is_cuda and self.groups != self.heads:
-                # CUDA's masked (memory-efficient) kernel takes no grouped K/V: without this SDPA falls back
-                # to the math path, which keeps the s x s probabilities of every layer for backward
-                k, v = (t.repeat_interleave(self.heads // self.groups, dim=1) for t in (k, v))
-                kwargs["enable_gqa"] = False
+        def attend():
+            kwargs = dict(dropout_p=dropout, scale=self.softmax_scale, enable_gqa=self.groups != self.heads,
+                          is_causal=True)
+            if doc_ids is None:
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
+            # Each document on its own, causally: exactly the block-diagonal causal mask, at the cost of
+            # sum(len^2) instead of s^2, on the kernels' mask-free causal path.
+            return torch.cat([
+                torch.cat([torch.nn.functional.scaled_dot_product_attention(
+                    q[b:b + 1, :, start:end], k[b:b + 1, :, start:end], v[b:b + 1, :, start:end], **kwargs)
+                    for start, end in row_spans], dim=2)
+                for b, row_spans in enumerate(_sdpa_spans.get(doc_ids))], dim=0)
+
         if dropout and not self.config.sequence_parallel:
             # as megatron's local attention: dropout draws from the model-parallel RNG stream
             with tensor_parallel.get_cuda_rng_tracker().fork():
-                return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
+                return attend()
+        return attend()
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
         return {}  # no parameters, nothing to checkpoint
