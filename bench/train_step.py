@@ -1,181 +1,210 @@
-"""Training-step throughput and MFU of the megatron-core path the trainer uses, side by side with a plain
-Hugging Face `LlamaForCausalLM` + torch AdamW step of the same shape on the same tokens (the baseline).
+"""Training-step time and peak memory per attention backend, side by side in one run: megatron's local masked
+attention (the baseline: s x s fp32 scores, mathtir's only path before the PyTorch kernels) against the
+PyTorch-kernel backends of mathtir.megatron.attention (SDPA over document masks; on a GPU also flex).
 
-    python bench/train_step.py                      # CPU: a small Llama shape; GPU: an 8B-shaped 4-layer slice
-    python bench/train_step.py --layers 2 --hidden 4096 --heads 32 --kv-heads 8 --ffn 14336 --vocab 128256 \\
-        --seq 4096 --micro-batch 1 --steps 10
+    python bench/train_step.py                      # the demo's shape: SmolLM2-135M, seq 1024, micro-batch 1
+    python bench/train_step.py --backends local,sdpa,flex --layers 4 --hidden 4096 --heads 32 --kv-heads 8 \\
+        --ffn 14336 --vocab 128256 --seq 4096      # GPU: an 8B-shaped slice
 
-One process (TP=PP=DP=1). Model FLOPs per token follow mathtir.train.throughput (6 x matmul params + attention scores).
-MFU: on a GPU against the dense bf16 peak of the device table in mathtir.train.throughput; on a CPU against the fp32 GEMM
-rate measured here (a 2048^3 matmul), since CPUs have no meaningful datasheet peak for this -- so CPU MFU says
-how close the step gets to this machine's own matmul speed.
+Each backend runs in fresh child processes, `--rounds` of them in ABBA order (TP=PP=DP=1, the trainer's model,
+optimizer and per-token loss on packed rows of several documents, masked as the trainer masks them), so its
+peak RSS (CPU) or peak allocated memory (GPU) is its own. The parent prints one JSON report with each backend's step time, tokens/s,
+MFU, peak memory and per-step losses (the same weights and tokens for every backend, so they must agree),
+and the ratios to the first backend (the baseline). Model FLOPs per token follow mathtir.train.throughput.
+MFU is against the matmul rate measured in the same run (best of several GEMMs: bf16 8192^3 on a GPU, fp32
+2048^3 on a CPU); the device table's datasheet peak is printed next to it where the GPU is in the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
+import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+REPO = Path(__file__).resolve().parent.parent
 
-def parse_args():
-    gpu = torch.cuda.is_available()
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=4 if gpu else 2)
-    p.add_argument("--hidden", type=int, default=4096 if gpu else 512)
-    p.add_argument("--heads", type=int, default=32 if gpu else 8)
-    p.add_argument("--kv-heads", type=int, default=8 if gpu else 4)
-    p.add_argument("--ffn", type=int, default=14336 if gpu else 1536)
-    p.add_argument("--vocab", type=int, default=128256 if gpu else 8192)
-    p.add_argument("--seq", type=int, default=4096 if gpu else 256)
-    p.add_argument("--micro-batch", type=int, default=1 if gpu else 2)
-    p.add_argument("--steps", type=int, default=10 if gpu else 4, help="timed steps (after --warmup)")
-    p.add_argument("--warmup", type=int, default=2 if gpu else 1)
-    p.add_argument("--skip-baseline", action="store_true", help="only the megatron-core step")
-    return p.parse_args()
+    # SmolLM2-135M (the demo's model) and the demo's packed length and micro-batch
+    p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--hidden", type=int, default=576)
+    p.add_argument("--heads", type=int, default=9)
+    p.add_argument("--kv-heads", type=int, default=3)
+    p.add_argument("--ffn", type=int, default=1536)
+    p.add_argument("--vocab", type=int, default=49152)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--docs-per-row", type=int, default=4, help="documents packed into each row")
+    p.add_argument("--steps", type=int, default=3, help="timed steps (after --warmup); the median is reported")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--backends", default="local,sdpa", help="comma-separated; the first is the baseline")
+    p.add_argument("--rounds", type=int, default=2, help="fresh processes per backend, in ABBA order; the "
+                   "median over all their timed steps is reported")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # one backend, in a child process
+    return p.parse_args(argv)
 
 
 def hf_config(a) -> dict:
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": a.hidden,
             "intermediate_size": a.ffn, "num_hidden_layers": a.layers, "num_attention_heads": a.heads,
             "num_key_value_heads": a.kv_heads, "vocab_size": a.vocab, "max_position_embeddings": max(a.seq, 2048),
-            "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False,
+            "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "tie_word_embeddings": True,
             "initializer_range": 0.02, "hidden_act": "silu"}
 
 
-def timed(step, warmup: int, steps: int, sync) -> float:
-    for _ in range(warmup):
-        step()
-    sync()
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    return (time.perf_counter() - started) / steps
+def packed_batch(a, device):
+    """Rows of `docs_per_row` documents of random lengths, the last followed by a padding tail."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, a.vocab, (a.micro_batch, a.seq), generator=g)
+    offsets = []
+    for _ in range(a.micro_batch):
+        cuts = torch.randperm(a.seq - 64, generator=g)[:a.docs_per_row - 1].add(1).sort().values
+        offsets.append(torch.cat([torch.tensor([0]), cuts, torch.tensor([a.seq - 32])]).to(torch.int32))
+    labels = torch.roll(tokens, -1, dims=1)
+    loss_mask = torch.ones(a.micro_batch, a.seq)
+    loss_mask[:, -32:] = 0
+    return tokens.to(device), labels.to(device), loss_mask.to(device), offsets
 
 
-def megatron_step_fn(spec, a, tokens, labels, mask, dtype):
+def run_backend(a) -> dict:
+    """One backend's steps in this process: median step time and peak memory."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from mathtir.megatron import parallel
-    from mathtir.megatron.model import build_model
+    from mathtir.megatron.model import build_model, fused_kernels
+    from mathtir.models.llama import ModelSpec
+    from mathtir.train.batches import attention_mask_for
     from mathtir.train.loss import loss_func
 
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    dtype = torch.bfloat16 if gpu else torch.float32
     parallel.initialize(1, 1, seed=0)
-    (chunk,) = build_model(spec, params_dtype=dtype, calculate_per_token_loss=True)
-    if torch.cuda.is_available():
+    spec = ModelSpec.from_hf_config(hf_config(a), source="bench")
+    (chunk,) = build_model(spec, params_dtype=dtype, attention_backend=a.worker, calculate_per_token_loss=True,
+                           **fused_kernels(True))  # as the trainer's default recipe
+    if gpu:
         chunk.cuda()
     config = chunk.config
     model = DistributedDataParallel(config=config, ddp_config=DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=True), module=chunk)
     config.no_sync_func, config.finalize_model_grads_func = model.no_sync, finalize_model_grads
     optimizer = get_megatron_optimizer(OptimizerConfig(
-        optimizer="adam", lr=1e-5, weight_decay=0.1, clip_grad=1.0, bf16=dtype == torch.bfloat16,
-        params_dtype=dtype, use_distributed_optimizer=True), [model])
-    positions = torch.arange(a.seq, device=tokens.device).expand_as(tokens)
+        optimizer="adam", lr=1e-5, weight_decay=0.1, clip_grad=1.0, bf16=gpu, params_dtype=dtype,
+        use_distributed_optimizer=True), [model])
+    tokens, labels, loss_mask, offsets = packed_batch(a, device)
+    positions = torch.arange(a.seq, device=device).expand_as(tokens)
     forward_backward = get_forward_backward_func()
 
     def forward_step(data_iterator, chunk):
         next(data_iterator)
-        # attention_mask=None: the plain causal mask (the trainer adds the document mask for packed rows)
-        return chunk(tokens, positions, None, labels=labels), lambda out: loss_func(mask, out)
+        mask = attention_mask_for(a.worker, offsets, a.seq)  # as the trainer builds it, every micro-batch
+        mask = None if mask is None else mask.to(device)
+        losses = chunk(tokens, positions, mask, labels=labels)
+        return losses, lambda out: loss_func(loss_mask, out)
 
-    def step():
+    losses = []
+
+    def step() -> float:
+        started = time.perf_counter()
         model.zero_grad_buffer()
         optimizer.zero_grad()
-        forward_backward(forward_step_func=forward_step, data_iterator=iter([None]), model=model,
-                         num_microbatches=1, seq_length=a.seq, micro_batch_size=a.micro_batch)
+        (reduced,) = forward_backward(forward_step_func=forward_step, data_iterator=iter([None]), model=model,
+                                      num_microbatches=1, seq_length=a.seq, micro_batch_size=a.micro_batch)
         optimizer.step()
+        if gpu:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - started
+        masked_sum, count = reduced["lm loss"].tolist()
+        losses.append(round(masked_sum / count, 6))
+        return elapsed
 
-    return step
-
-
-def hf_step_fn(spec, tokens, labels, mask, dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    model = LlamaForCausalLM(LlamaConfig.from_dict(spec.hf_config)).to(tokens.device, dtype)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1, fused=False)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        logits = model(input_ids=tokens).logits.float()
-        losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
-        ((losses * mask.flatten()).sum() / mask.sum()).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-
-    return step
+    for _ in range(a.warmup):
+        step()
+    times = [step() for _ in range(a.steps)]
+    peak = torch.cuda.max_memory_allocated() if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    parallel.destroy()
+    return {"step_s": round(statistics.median(times), 4), "step_s_all": [round(t, 4) for t in times],
+            "peak_memory_gb": round(peak / 2**30, 3), "memory_kind": "max allocated" if gpu else "peak RSS",
+            "losses": losses}
 
 
-def cpu_matmul_tflops(n: int = 2048, trials: int = 7) -> float:
-    """Best of several single GEMMs: on a shared machine the best one is the closest to the real peak."""
-    x, y = torch.randn(n, n), torch.randn(n, n)
+def matmul_tflops(gpu: bool, trials: int = 7) -> float:
+    """Best of several single GEMMs (bf16 8192^3 on a GPU, fp32 2048^3 on a CPU): on a shared machine the
+    best one is the closest to the real peak."""
+    n, device, dtype = (8192, "cuda", torch.bfloat16) if gpu else (2048, "cpu", torch.float32)
+    x, y = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     x @ y
     best = float("inf")
     for _ in range(trials):
+        if gpu:
+            torch.cuda.synchronize()
         started = time.perf_counter()
         x @ y
+        if gpu:
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - started)
     return 2 * n**3 / best / 1e12
 
 
 def main() -> None:
+    a = parse_args()
+    if a.worker:
+        print(json.dumps(run_backend(a)))
+        return
     from mathtir.models.llama import ModelSpec
     from mathtir.train.throughput import PEAK_TFLOPS, train_flops_per_token
 
-    a = parse_args()
     gpu = torch.cuda.is_available()
-    device = torch.device("cuda" if gpu else "cpu")
-    dtype = torch.bfloat16 if gpu else torch.float32
     spec = ModelSpec.from_hf_config(hf_config(a), source="bench")
-    if gpu:
-        name = torch.cuda.get_device_name()
-        peak, peak_kind = next((v for k, v in PEAK_TFLOPS.items() if k in name), None), "datasheet bf16 dense"
-    else:
-        name = f"CPU ({torch.get_num_threads()} threads) -- no GPU on this machine; CPU figures"
-        peak, peak_kind = cpu_matmul_tflops(), "measured fp32 2048^3 GEMM"
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, a.vocab, (a.micro_batch, a.seq), generator=g).to(device)
-    labels = torch.roll(tokens, -1, dims=1)
-    mask = torch.ones(a.micro_batch, a.seq, device=device)
+    name = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads), no GPU: fp32"
+    datasheet = next((v for k, v in PEAK_TFLOPS.items() if k in name), None) if gpu else None
+    peak = matmul_tflops(gpu)
+    peak_kind = "measured bf16 8192^3 GEMM" if gpu else "measured fp32 2048^3 GEMM"
     tokens_per_step = a.micro_batch * a.seq
     flops_per_step = train_flops_per_token(spec, a.seq) * tokens_per_step
-    sync = torch.cuda.synchronize if gpu else (lambda: None)
-
+    backends = a.backends.split(",")
     results = {}
-    runs = [("megatron-core", lambda: megatron_step_fn(spec, a, tokens, labels, mask, dtype))]
-    if not a.skip_baseline:
-        runs.append(("hf-transformers", lambda: hf_step_fn(spec, tokens, labels, mask, dtype)))
-    for label, make in runs:
-        seconds = timed(make(), a.warmup, a.steps, sync)
-        tflops = flops_per_step / seconds / 1e12
-        results[label] = {"step_s": round(seconds, 4), "tokens_per_s": round(tokens_per_step / seconds, 1),
-                          "model_tflops": round(tflops, 3), "mfu": round(tflops / peak, 4) if peak else None}
-        if gpu:
-            results[label]["max_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-            torch.cuda.reset_peak_memory_stats()
-
+    # Rounds in ABBA order (the second round reversed, and so on): on a shared machine the load drifts, and
+    # alternating gives every backend the same share of good and bad moments.
+    runs = {backend: [] for backend in backends}
+    for round_index in range(a.rounds):
+        for backend in backends if round_index % 2 == 0 else backends[::-1]:
+            res = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker", backend], cwd=REPO,
+                                 capture_output=True, text=True, check=False)
+            if res.returncode != 0:
+                raise SystemExit(f"bench/train_step.py: backend {backend} failed (exit status {res.returncode}):\n"
+                                 f"{res.stderr[-3000:]}")
+            runs[backend].append(json.loads(res.stdout.splitlines()[-1]))
+    for backend, worker_runs in runs.items():
+        times = [t for r in worker_runs for t in r["step_s_all"]]
+        step_s = statistics.median(times)
+        tflops = flops_per_step / step_s / 1e12
+        results[backend] = {
+            "step_s": round(step_s, 4), "step_s_all": times, "tokens_per_s": round(tokens_per_step / step_s, 1),
+            "model_tflops": round(tflops, 3), "mfu": round(tflops / peak, 4),
+            "peak_memory_gb": max(r["peak_memory_gb"] for r in worker_runs),
+            "memory_kind": worker_runs[0]["memory_kind"], "losses": worker_runs[0]["losses"],
+            "losses_repeat_exactly": all(r["losses"] == worker_runs[0]["losses"] for r in worker_runs)}
+    baseline = results[backends[0]]
+    ratios = {b: {"step_time_vs_" + backends[0]: round(r["step_s"] / baseline["step_s"], 3),
+                  "peak_memory_vs_" + backends[0]: round(r["peak_memory_gb"] / baseline["peak_memory_gb"], 3)}
+              for b, r in results.items() if b != backends[0]}
     shape = {k: getattr(a, k) for k in ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "seq",
-                                        "micro_batch")}
-    report = {"device": name, "dtype": str(dtype).removeprefix("torch."), "shape": shape,
-              "peak_tflops": round(peak, 3) if peak else None, "peak_kind": peak_kind,
-              "params_millions": round(_param_count(spec) / 1e6, 1), "results": results}
-    if len(results) == 2:
-        report["megatron_over_hf_tokens_per_s"] = round(
-            results["megatron-core"]["tokens_per_s"] / results["hf-transformers"]["tokens_per_s"], 3)
-    print(json.dumps(report, indent=2))
-
-
-def _param_count(spec) -> int:
-    h = spec.hidden_size
-    per_layer = (2 * h * spec.head_dim * spec.num_attention_heads + 2 * h * spec.head_dim * spec.num_kv_heads
-                 + 3 * h * spec.ffn_hidden_size + 2 * h)
-    return spec.num_layers * per_layer + 2 * h * spec.vocab_size + h
+                                        "micro_batch", "docs_per_row")}
+    print(json.dumps({"device": name, "shape": shape, "peak_tflops": round(peak, 3), "peak_kind": peak_kind,
+                      "datasheet_bf16_tflops": datasheet, "results": results, "ratios": ratios}, indent=2))
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, *, hf_template: str | Path 
     spec = ModelSpec.from_dir(root)
     reader = PartReader(root, iteration)
     dtype = reader.stored_dtype()
-    (meta_model,) = build_model(spec, params_dtype=dtype, perform_initialization=False, use_te=False, meta=True)
+    (meta_model,) = build_model(spec, params_dtype=dtype, perform_initialization=False, attention_backend="local", meta=True)
     template = meta_model.sharded_state_dict()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ def import_hf(hf_dir: str | Path, out_root: str | Path, *, dtype: torch.dtype, t
     # page cache); the rest (QKV interleaving, column splits, vocabulary padding, dtype casts) is read into
     # memory of its own. megatron saves some parameters in parts (SwiGLU's fc1: gate rows, up rows):
     # its factories are applied first, so no fused copy of them ever exists.
-    chunks = build_model(spec, params_dtype=dtype, perform_initialization=False, use_te=False, meta=True)
+    chunks = build_model(spec, params_dtype=dtype, perform_initialization=False, attention_backend="local", meta=True)
     state = {"model": checkpoint.model_sharded_state_dict(chunks)}
     apply_factories(state)
     for index, chunk in enumerate(chunks):

@@ -60,7 +60,7 @@ def load_megatron(ckpt: str | Path, *, dtype: torch.dtype | None = None) -> tupl
     root, iteration = checkpoint.resolve_root(ckpt)
     spec = ModelSpec.from_dir(root)
     dtype = dtype or PartReader(root, iteration).stored_dtype()
-    chunks = build_model(spec, params_dtype=dtype, perform_initialization=False, use_te=False)
+    chunks = build_model(spec, params_dtype=dtype, perform_initialization=False, attention_backend="local")
     checkpoint.load_model(root, chunks, iteration)
     return spec, chunks
 

@@ -9,6 +9,13 @@
 ```
 torch_dist checkpoints are resharded on load: a checkpoint written at one TP/PP loads at another.
 `save`/`load` take the whole nested (sharded) state dict so the trainer's extra keys travel with the model.
+
+Between layer specs: Transformer Engine modules carry an `_extra_state` (FP8 scaling history) that megatron's
+local spec, the importer and CPU runs do not write for every module: TE's attention core declares it in
+`state_dict()` but never saves it, and a TE module with no local counterpart asks for it in its sharded
+state dict. `load` and `load_into` tolerate exactly that absence (those modules keep their fresh extra
+state, and the load says so on rank 0); any other missing entry is an error. A TE-written checkpoint loads
+into the local spec as it is (entries the template does not ask for are not read).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from mathtir.files import atomic_write_text
@@ -128,14 +136,17 @@ def _without_zip_checksums():
     return config.patch({"save.compute_crc32": False})
 
 
-def _check_against_metadata(template: dict, ckpt_dir: Path) -> None:
-    """Name the first tensor whose key or global shape differs, before torch_dist fails obscurely."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing import ShardedTensor
+EXTRA_STATE_SUFFIX = "_extra_state"  # megatron's name for TE modules' extra state (transformer/utils.py)
+
+
+def _check_against_metadata(template: dict, stored: dict, stored_keys: set[str], ckpt_dir: Path) -> None:
+    """Name the first model entry whose key or global shape differs, before torch_dist fails obscurely."""
+    from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
     from megatron.core.dist_checkpointing.dict_utils import nested_values
 
-    stored = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
     for value in nested_values(template.get("model", {})):
+        if isinstance(value, ShardedObject) and value.key not in stored_keys:
+            raise KeyError(f"{ckpt_dir}: object {value.key!r} is missing (a checkpoint of another architecture?)")
         if not isinstance(value, ShardedTensor):
             continue
         if value.key not in stored:
@@ -164,10 +175,46 @@ def load(root: str | Path, state_template: dict, iteration: int | None = None) -
     """Load the sharded entries of `state_template` (e.g. {"model": model.sharded_state_dict()}) from
     iteration `iteration` (default: the latest) of `root`, resharding as needed. Collective."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
     ckpt_dir = iteration_to_read(root, iteration)
-    _check_against_metadata(state_template, ckpt_dir)
-    return dist_checkpointing.load(state_template, str(ckpt_dir))
+    stored = load_sharded_metadata(str(ckpt_dir))  # tensors by key, objects by key/shard_...
+    stored_keys = set(stored) | {value.key for value in stored.values()}
+    kept: list[tuple[tuple, object]] = []
+    template = _without_absent_extra_state(state_template, stored_keys, kept)
+    _report_fresh_extra_state(ckpt_dir, [path[-1] for path, _ in kept])
+    _check_against_metadata(template, stored, stored_keys, ckpt_dir)
+    loaded = dist_checkpointing.load(template, str(ckpt_dir))
+    for path, data in kept:  # so load_state_dict finds every key the modules declare
+        node = loaded
+        for name in path[:-1]:
+            node = node[name]
+        node[path[-1]] = data
+    return loaded
+
+
+def _report_fresh_extra_state(source, keys: list[str]) -> None:
+    if keys and rank() == 0:
+        print(f"mathtir: {source} has no Transformer Engine {EXTRA_STATE_SUFFIX} for {len(keys)} module(s) "
+              f"(written by the local layer spec, e.g. by the importer or a CPU run); those modules keep "
+              f"their fresh extra state (no FP8 scaling history), e.g. {keys[0]}", file=sys.stderr, flush=True)
+
+
+def _without_absent_extra_state(node, stored_keys: set[str], kept: list, path: tuple = ()):
+    """`node` (a nested template) without the TE extra-state objects the checkpoint lacks; each dropped one's
+    (path, the module's own current value) is appended to `kept`."""
+    from megatron.core.dist_checkpointing import ShardedObject
+
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for name, value in node.items():
+        if (isinstance(value, ShardedObject) and value.key.endswith(EXTRA_STATE_SUFFIX)
+                and value.key not in stored_keys):
+            kept.append(((*path, name), value.data))
+            continue
+        out[name] = _without_absent_extra_state(value, stored_keys, kept, (*path, name))
+    return out
 
 
 def model_sharded_state_dict(chunks: list) -> dict:
@@ -179,12 +226,23 @@ def model_sharded_state_dict(chunks: list) -> dict:
 
 def load_model(root: str | Path, chunks: list, iteration: int | None = None) -> None:
     """Load only the weights of `root` (latest iteration by default) into `chunks` in place."""
-    loaded = load(root, {"model": model_sharded_state_dict(chunks)}, iteration)["model"]
-    if len(chunks) == 1:
-        chunks[0].load_state_dict(loaded)
-    else:
-        for i, chunk in enumerate(chunks):
-            chunk.load_state_dict(loaded[f"vp{i}"])
+    load_into(chunks, load(root, {"model": model_sharded_state_dict(chunks)}, iteration)["model"], root)
+
+
+def load_into(chunks: list, loaded_model: dict, source) -> None:
+    """`load_state_dict` of the loaded "model" entry into each chunk, strictly except for the extra state
+    of modules that declare it only in `state_dict()` (TE's attention core): when the checkpoint has none,
+    they keep their own."""
+    fresh = []
+    for i, chunk in enumerate(chunks):
+        state = dict(loaded_model if len(chunks) == 1 else loaded_model[f"vp{i}"])
+        for key, value in chunk.state_dict(keep_vars=True).items():
+            # None: megatron's own linears, whose load hook supplies an empty one
+            if key.endswith(EXTRA_STATE_SUFFIX) and key not in state and value is not None:
+                state[key] = value
+                fresh.append(key)
+        chunk.load_state_dict(state)
+    _report_fresh_extra_state(source, fresh)
 
 
 def resolve_root(ckpt: str | Path) -> tuple[Path, int | None]:

@@ -1,5 +1,10 @@
 """The megatron-core `GPTModel` for a Llama `ModelSpec`: its `TransformerConfig`, layer spec (Transformer Engine
-where available, else megatron's local layers with torch norms) and RoPE frequencies taken from transformers.
+where available, else megatron's local layers with torch norms and PyTorch attention kernels) and RoPE frequencies
+taken from transformers.
+
+Attention backends (`model.attention_backend`, docs/attention.md): "te" the Transformer Engine spec; "sdpa"
+and "flex" the local spec with mathtir.megatron.attention's core attention; "local" megatron's own
+`DotProductAttention` (the unfused reference). "auto" is "te" where TE and a GPU are present, else "sdpa".
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ def transformer_config(spec: ModelSpec, *, tp: int, pp: int, vp: int | None, par
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=not torch.cuda.is_available(),
         perform_initialization=perform_initialization,
-        # Fusions need Apex/TE kernels; they are exact-equivalent opt-ins on GPU via overrides.
+        # Fusions need Apex/TE kernels or a GPU; `fused_kernels()` turns on those this machine has.
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
@@ -76,7 +81,37 @@ def te_available() -> bool:
     return True
 
 
-def layer_block_spec(config, *, use_te: bool, vp_stage: int | None):
+def resolve_attention_backend(requested: str) -> str:
+    """The backend `requested` ("auto" resolved) if this machine can run it; ValueError naming why not."""
+    from mathtir.megatron.attention import BACKENDS
+
+    if requested not in BACKENDS:
+        raise ValueError(f"attention backend {requested!r} is not one of {BACKENDS}")
+    if requested == "auto":
+        return "te" if te_available() else "sdpa"
+    if requested == "te" and not te_available():
+        raise ValueError("attention backend 'te' needs Transformer Engine and a GPU; use auto, sdpa or local")
+    if requested == "flex" and not torch.cuda.is_available():
+        raise ValueError("attention backend 'flex' needs a GPU (flex_attention has no CPU backward); use sdpa")
+    return requested
+
+
+def fused_kernels(enabled: bool) -> dict[str, bool]:
+    """The `TransformerConfig` fusion flags: with `enabled`, each fused kernel this machine has (bias-SwiGLU
+    on a GPU, RoPE with Transformer Engine, megatron's masked softmax with its CUDA extension); all
+    off otherwise. All are exact-equivalent reformulations of the unfused ops."""
+    import importlib.util
+
+    gpu = torch.cuda.is_available()
+    flags = {
+        "bias_activation_fusion": gpu,
+        "apply_rope_fusion": te_available(),
+        "masked_softmax_fusion": gpu and importlib.util.find_spec("scaled_masked_softmax_cuda") is not None,
+    }
+    return {name: enabled and available for name, available in flags.items()}
+
+
+def layer_block_spec(config, *, attention_backend: str, vp_stage: int | None):
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -87,9 +122,14 @@ def layer_block_spec(config, *, use_te: bool, vp_stage: int | None):
         get_num_layers_to_build,
     )
 
-    if use_te:
+    from mathtir.megatron.attention import FlexCoreAttention, SdpaCoreAttention
+
+    if attention_backend == "te":
         return get_gpt_layer_with_transformer_engine_spec()
     layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if attention_backend in ("sdpa", "flex"):
+        core = SdpaCoreAttention if attention_backend == "sdpa" else FlexCoreAttention
+        layer.submodules.self_attention.submodules.core_attention = core
     norm = ModuleSpec(module=TorchRMSNorm)
     layer.submodules.input_layernorm = norm
     layer.submodules.pre_mlp_layernorm = norm
@@ -104,7 +144,7 @@ def build_model(
     params_dtype: torch.dtype = torch.float32,
     sequence_parallel: bool = False,
     perform_initialization: bool = True,
-    use_te: bool | None = None,
+    attention_backend: str = "auto",
     meta: bool = False,
     **config_overrides,
 ) -> list:
@@ -112,7 +152,8 @@ def build_model(
     or with `meta` on the meta device: shapes and sharding without memory, e.g. as a checkpoint's template.
 
     TP/PP/VP sizes come from megatron's parallel state (mathtir.megatron.parallel.initialize). `config_overrides`
-    go to `TransformerConfig` (e.g. recompute_granularity, calculate_per_token_loss).
+    go to `TransformerConfig` (e.g. recompute_granularity, calculate_per_token_loss). The converters, which only
+    need shapes or a reference forward, pass attention_backend="local".
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -124,7 +165,7 @@ def build_model(
     config = transformer_config(spec, tp=tp, pp=pp, vp=vp, params_dtype=params_dtype,
                                 sequence_parallel=sequence_parallel,
                                 perform_initialization=perform_initialization, **config_overrides)
-    use_te = te_available() if use_te is None else use_te
+    attention_backend = resolve_attention_backend(attention_backend)
     inv_freq = spec.hf_inv_freq()
     chunks = []
     for vp_stage in range(vp or 1):
@@ -132,7 +173,7 @@ def build_model(
         with torch.device("meta") if meta else contextlib.nullcontext():
             model = GPTModel(
                 config=config,
-                transformer_layer_spec=layer_block_spec(config, use_te=use_te, vp_stage=stage),
+                transformer_layer_spec=layer_block_spec(config, attention_backend=attention_backend, vp_stage=stage),
                 vocab_size=spec.padded_vocab_size(tp),
                 max_sequence_length=spec.max_position_embeddings,
                 pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),

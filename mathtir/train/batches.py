@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mathtir.megatron.attention import document_ids, one_document_per_row
+
 
 def block_causal_mask(doc_offsets_batch: list[torch.Tensor], s: int) -> torch.Tensor:
     """[b, 1, s, s] bool, True = masked: causal inside each document, nothing across documents.
@@ -21,16 +23,27 @@ def block_causal_mask(doc_offsets_batch: list[torch.Tensor], s: int) -> torch.Te
     return torch.stack(masks).unsqueeze(1)
 
 
+def attention_mask_for(backend: str, doc_offsets_batch: list[torch.Tensor], seq_length: int) -> torch.Tensor | None:
+    """What the model takes as `attention_mask` for a packed micro-batch with attention backend `backend`
+    ("te" takes the documents as packed_seq_params instead): megatron's local attention the s x s
+    `block_causal_mask`; the PyTorch kernels (mathtir.megatron.attention) None when plain causal attention
+    is exact (their fastest path), else the [b, s] document ids, from which they build their own mask."""
+    if backend == "local":
+        return block_causal_mask(doc_offsets_batch, seq_length)
+    if one_document_per_row(doc_offsets_batch):
+        return None
+    return document_ids(doc_offsets_batch, seq_length)
+
+
 def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
-    """A micro-batch: stacked tokens/labels/loss_mask, the documents' offsets and their attention mask."""
-    seq_length = samples[0]["tokens"].numel()
-    doc_offsets = [sample["doc_offsets"] for sample in samples]
+    """A micro-batch: stacked tokens/labels/loss_mask and the documents' offsets. The attention mask is the
+    trainer's to build, in the form its attention backend takes (an s x s mask for every micro-batch of a
+    step, built here up front, would hold seq_length^2 bytes each until the step ends)."""
     return {
         "tokens": torch.stack([sample["tokens"] for sample in samples]),
         "labels": torch.stack([sample["labels"] for sample in samples]),
         "loss_mask": torch.stack([sample["loss_mask"] for sample in samples]),
-        "doc_offsets": doc_offsets,
-        "attention_mask": block_causal_mask(doc_offsets, seq_length),
+        "doc_offsets": [sample["doc_offsets"] for sample in samples],
     }
 
 

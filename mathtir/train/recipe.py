@@ -3,6 +3,9 @@ logging sections, loading with ``key=value`` overrides, and validation that fail
 
     cfg = load_recipe("nemo_configs/stage1_cot.yaml", ["trainer.max_steps=10", "model.init_from=ckpt/"])
     validate_parallelism(cfg, world_size=8, num_attention_heads=32, num_query_groups=8, num_layers=32)
+
+The sbatch scripts ask `python -m mathtir.train.recipe needs-single-cuda-connection RECIPE [key=value ...]`
+(exit 0: yes) whether to export CUDA_DEVICE_MAX_CONNECTIONS=1 (`needs_single_cuda_connection`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,16 @@ class ModelConfig:
     global_batch_size: int = 8
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
+    # auto | te | sdpa | flex | local (docs/attention.md); auto: te with Transformer Engine on a GPU, else sdpa
+    attention_backend: str = "auto"
+    # Activation recompute: null (none), selective (attention's core only) or full (whole layers, then
+    # recompute_method uniform|block and recompute_num_layers are required)
+    recompute_granularity: str | None = None
+    recompute_method: str | None = None
+    recompute_num_layers: int | None = None
+    overlap_grad_reduce: bool = False  # DP gradient reduce-scatter/all-reduce overlapped with backward
+    overlap_param_gather: bool = False  # distributed optimizer's param all-gather overlapped with forward
+    fused_kernels: bool = True  # every fused kernel this machine has (bias-SwiGLU, RoPE, masked softmax)
 
 
 @dataclass
@@ -90,6 +103,8 @@ class RecipeConfig:
 PRECISIONS = ("bf16-mixed", "fp32")
 SCHEDULES = ("CosineAnnealing", "constant")
 OPTIMIZERS = ("adamw",)
+RECOMPUTE_GRANULARITIES = (None, "selective", "full")
+RECOMPUTE_METHODS = ("uniform", "block")
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> DictConfig:
@@ -115,6 +130,7 @@ def validate_values(cfg: DictConfig, source: str = "recipe") -> None:
     check(not m.sequence_parallel or m.tensor_model_parallel_size > 1, source, "model.sequence_parallel",
            "needs tensor_model_parallel_size > 1")
     check(cfg.data.seq_length >= 2, source, "data.seq_length", "must be >= 2")
+    validate_model_knobs(cfg, source)
     check(o.name in OPTIMIZERS, source, "optim.name", f"'{o.name}' is not one of {OPTIMIZERS}")
     check(o.lr > 0, source, "optim.lr", "must be > 0")
     check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), source, "optim.betas",
@@ -125,6 +141,40 @@ def validate_values(cfg: DictConfig, source: str = "recipe") -> None:
     check(s.warmup_steps >= 0, source, "optim.sched.warmup_steps", "must be >= 0")
     check(0 <= s.min_lr <= o.lr, source, "optim.sched.min_lr", f"must be in [0, optim.lr={o.lr}]")
     check(cfg.checkpoint.save_every_n_steps >= 0, source, "checkpoint.save_every_n_steps", "must be >= 0")
+
+
+def validate_model_knobs(cfg: DictConfig, source: str = "recipe") -> None:
+    """Attention backend, recompute and overlap keys: each value, and the combinations that cannot work."""
+    from mathtir.megatron.attention import BACKENDS
+
+    m, o = cfg.model, cfg.optim
+    check(m.attention_backend in BACKENDS, source, "model.attention_backend",
+          f"'{m.attention_backend}' is not one of {BACKENDS}")
+    check(not (m.attention_backend == "flex" and m.attention_dropout > 0), source,
+          "model.attention_backend", "flex has no attention dropout; model.attention_dropout must be 0 with it")
+    granularity, method, layers = m.recompute_granularity, m.recompute_method, m.recompute_num_layers
+    check(granularity in RECOMPUTE_GRANULARITIES, source, "model.recompute_granularity",
+          f"'{granularity}' is not one of null, selective, full")
+    check(method is None or method in RECOMPUTE_METHODS, source, "model.recompute_method",
+          f"'{method}' is not one of {RECOMPUTE_METHODS} or null")
+    check(layers is None or layers >= 1, source, "model.recompute_num_layers", f"must be >= 1 or null, got {layers}")
+    if granularity == "full":
+        check(method is not None and layers is not None, source, "model.recompute_granularity",
+              "full recompute needs model.recompute_method (uniform|block) and model.recompute_num_layers")
+    else:
+        check(method is None and layers is None, source, "model.recompute_method",
+              f"model.recompute_method and model.recompute_num_layers apply only to "
+              f"model.recompute_granularity=full (it is {granularity})")
+    check(not m.overlap_param_gather or o.use_distributed_optimizer, source, "model.overlap_param_gather",
+          "needs optim.use_distributed_optimizer=true (it overlaps the distributed optimizer's all-gather)")
+    check(not m.overlap_param_gather or m.overlap_grad_reduce, source, "model.overlap_param_gather",
+          "needs model.overlap_grad_reduce=true (megatron overlaps the gather only with the reduce)")
+
+
+def needs_single_cuda_connection(cfg: DictConfig) -> bool:
+    """Tensor parallelism with sequence parallel overlaps its all-gather/reduce-scatter with the GEMMs only
+    if the GPU runs kernels in the order they were queued: CUDA_DEVICE_MAX_CONNECTIONS=1 (megatron's rule)."""
+    return cfg.model.tensor_model_parallel_size > 1 and cfg.model.sequence_parallel
 
 
 def validate_parallelism(cfg: DictConfig, *, world_size: int, num_attention_heads: int, num_query_groups: int,
@@ -141,6 +191,11 @@ def validate_parallelism(cfg: DictConfig, *, world_size: int, num_attention_head
     stages = pp * (m.virtual_pipeline_model_parallel_size or 1)
     check(num_layers % stages == 0, source, "model.pipeline_model_parallel_size",
            f"{num_layers} layers do not split evenly over {stages} pipeline stages")
+    if m.recompute_granularity == "full":
+        per_chunk = num_layers // stages
+        check(m.recompute_num_layers <= per_chunk, source, "model.recompute_num_layers",
+              f"{m.recompute_num_layers} is more than the {per_chunk} layers of each of the {stages} pipeline "
+              "stage(s) (model.pipeline_model_parallel_size x virtual stages)")
     dp = world_size // (tp * pp)
     check(m.global_batch_size % (m.micro_batch_size * dp) == 0, source, "model.global_batch_size",
            f"global batch {m.global_batch_size} is not divisible by micro batch {m.micro_batch_size} x "
@@ -150,3 +205,11 @@ def validate_parallelism(cfg: DictConfig, *, world_size: int, num_attention_head
         check(microbatches % pp == 0, source, "model.global_batch_size",
                f"the interleaved pipeline needs the {microbatches} micro-batches per step to divide by PP={pp}")
     return dp
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) < 3 or sys.argv[1] != "needs-single-cuda-connection":
+        sys.exit("usage: python -m mathtir.train.recipe needs-single-cuda-connection RECIPE [key=value ...]")
+    sys.exit(0 if needs_single_cuda_connection(load_recipe(sys.argv[2], sys.argv[3:])) else 1)

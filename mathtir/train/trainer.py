@@ -43,10 +43,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from mathtir.recipes import ConfigError
 from mathtir.shards import PackedDataset
-from mathtir.train.batches import SampleStream
+from mathtir.train.batches import SampleStream, attention_mask_for
 from mathtir.train.loss import global_loss, loss_func
 from mathtir.train.recipe import validate_parallelism
 from mathtir.train.throughput import peak_tflops, train_flops_per_token
+
+RESOLVED_CONFIG_FILE = "resolved_config.yaml"
 
 
 @dataclass(frozen=True)
@@ -81,13 +83,49 @@ class Trainer:
         self._init_processes()
         self._build_model()
         self._build_optimizer()
+        self._write_resolved_config()
+
+    def _write_resolved_config(self) -> None:
+        """The recipe as this run applies it, with what was decided at start (attention backend, fused
+        kernels, layout, versions), to <checkpoint.dir>/resolved_config.yaml and the log."""
+        import megatron.core
+
+        from mathtir.files import atomic_write_text
+
+        resolved = OmegaConf.to_container(self.cfg, resolve=True)
+        # read back from megatron's own config objects: what the model and DDP really run with
+        config, ddp_config = self.chunks[0].config, self.model[0].ddp_config
+        resolved["resolved"] = {
+            "attention_backend": self.attention_backend,
+            "fused_kernels": {name: getattr(config, name) for name in self.fusions},
+            "recompute": {name: getattr(config, name) for name in
+                          ("recompute_granularity", "recompute_method", "recompute_num_layers")},
+            "overlap": {name: getattr(ddp_config, name) for name in ("overlap_grad_reduce", "overlap_param_gather")},
+            "core_attention": type(self.chunks[0].decoder.layers[0].self_attention.core_attention).__name__,
+            "tensor_parallel": self.tp, "pipeline_parallel": self.pp, "data_parallel": self.dp,
+            "virtual_pipeline": self.vp, "world_size": self.world_size, "device": str(self.device),
+            "params_dtype": str(self.params_dtype).removeprefix("torch."),
+            "torch": str(torch.__version__), "megatron_core": megatron.core.__version__,
+            "cuda_device_max_connections": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS"),
+        }
+        if self.rank != 0:
+            return
+        text = OmegaConf.to_yaml(OmegaConf.create(resolved))
+        self.run_root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_root / RESOLVED_CONFIG_FILE, text)
+        self.log(f"mathtir.train: resolved config ({self.run_root / RESOLVED_CONFIG_FILE}):\n{text.rstrip()}")
 
     def _check_inputs(self) -> None:
         """Everything that can be refused from the recipe, the model's config and the data alone."""
         from mathtir.megatron import checkpoint
+        from mathtir.megatron.model import resolve_attention_backend
         from mathtir.models.llama import ModelSpec
 
         cfg, m = self.cfg, self.cfg.model
+        try:
+            self.attention_backend = resolve_attention_backend(m.attention_backend)
+        except ValueError as exc:
+            raise ConfigError(f"model.attention_backend={m.attention_backend}: {exc}") from exc
         resume_iteration = checkpoint.latest_iteration(self.run_root) if cfg.checkpoint.resume else None
         self.resuming = resume_iteration is not None
         self.init_root = self.run_root if self.resuming else Path(m.init_from)
@@ -138,25 +176,34 @@ class Trainer:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
-        from mathtir.megatron.model import build_model, te_available
+        from mathtir.megatron.model import build_model, fused_kernels
 
         m = self.cfg.model
         # The interleaved (virtual) pipeline with the default batched p2p trains silently wrong: unbatched p2p.
         p2p = dict(overlap_p2p_comm=True, batch_p2p_comm=False) if self.vp else {}
+        recompute = dict(recompute_granularity=m.recompute_granularity, recompute_method=m.recompute_method,
+                         recompute_num_layers=m.recompute_num_layers)
+        self.fusions = fused_kernels(m.fused_kernels)
         self.chunks = build_model(self.spec, params_dtype=self.params_dtype, sequence_parallel=m.sequence_parallel,
                                   hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout,
-                                  calculate_per_token_loss=True, **p2p)  # the exact global per-token mean
+                                  attention_backend=self.attention_backend, calculate_per_token_loss=True,
+                                  **recompute, **self.fusions, **p2p)  # per-token loss: the exact global mean
         if self.on_gpu:  # megatron builds most weights on the GPU already; the torch norms land on the CPU otherwise
             for chunk in self.chunks:
                 chunk.cuda(torch.cuda.current_device())
         model_config = self.chunks[0].config
-        self.use_te_packing = te_available()
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        self.use_te_packing = self.attention_backend == "te"
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=m.overlap_grad_reduce,
+                                                   overlap_param_gather=m.overlap_param_gather,
                                                    use_distributed_optimizer=self.cfg.optim.use_distributed_optimizer)
         self.model = [DistributedDataParallel(config=model_config, ddp_config=ddp_config, module=chunk,
                                               disable_bucketing=i > 0) for i, chunk in enumerate(self.chunks)]
         model_config.no_sync_func = [c.no_sync for c in self.model] if len(self.model) > 1 else self.model[0].no_sync
         model_config.finalize_model_grads_func = finalize_model_grads
+        if m.overlap_grad_reduce:  # the schedule starts each chunk's bucket reduce as its grads are ready
+            grad_sync = [c.start_grad_sync for c in self.model]
+            model_config.grad_sync_func = grad_sync if len(self.model) > 1 else grad_sync[0]
+        # overlap_param_gather needs nothing here: DDP's forward pre-hooks wait for each bucket's params.
 
     def _build_optimizer(self) -> None:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -194,8 +241,7 @@ class Trainer:
                 self.run_root, checkpoint.latest_iteration(self.run_root))))
             self.resumed_layout = common["data"]["layout"]
         loaded = checkpoint.load(self.init_root, self._sharded_state(loading=True))
-        for i, chunk in enumerate(self.chunks):
-            chunk.load_state_dict(loaded["model"] if len(self.chunks) == 1 else loaded["model"][f"vp{i}"])
+        checkpoint.load_into(self.chunks, loaded["model"], self.init_root)
         if not self.resuming:
             self.log(f"mathtir.train: initialised from {self.init_root} "
                      f"(iteration {checkpoint.latest_iteration(self.init_root)})")
@@ -266,18 +312,25 @@ class Trainer:
         tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
         # RoPE is relative, so positions need no reset at document starts; only the mask keeps documents apart.
         position_ids = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
+        doc_offsets, seq_length = batch["doc_offsets"], tokens.shape[1]
         if self.use_te_packing:  # TE's varlen kernels: the micro-batch as one row of documents, no s x s mask
-            packed = _packed_seq_params(batch["doc_offsets"], tokens.shape[1], device)
+            packed = _packed_seq_params(doc_offsets, seq_length, device)
             per_token_loss = chunk(tokens.reshape(1, -1), position_ids.reshape(1, -1), None,
                                    labels=labels.reshape(1, -1), packed_seq_params=packed)
-        else:
-            per_token_loss = chunk(tokens, position_ids, batch["attention_mask"].to(device), labels=labels)
+            return per_token_loss, partial(loss_func, batch["loss_mask"].to(device))
+        attention_mask = attention_mask_for(self.attention_backend, doc_offsets, seq_length)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(device)
+        per_token_loss = chunk(tokens, position_ids, attention_mask, labels=labels)
         return per_token_loss, partial(loss_func, batch["loss_mask"].to(device))
 
     # ------------------------------------------------------------------------------------------------- save
     def save(self, step: int) -> None:
         from mathtir.megatron import checkpoint
 
+        if self.cfg.model.overlap_param_gather:  # the step's updated params are gathered only by the next forward
+            for chunk in self.model:
+                chunk.start_param_sync(force_sync=True)
         state = self._sharded_state(loading=False)
         state["scheduler"] = self.scheduler.state_dict()
         state["data"] = {"step": step, "consumed_samples": step * self.schedule.global_batch,
