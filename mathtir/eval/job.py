@@ -292,7 +292,10 @@ def run(args: argparse.Namespace) -> int:
         sampler_stats = exec_stats = sampling_s = None
         if todo:
             tokenizer = model_tokenizer(args)
-            template = get_template(args.prompt_template, tokenizer=tokenizer, system=args.system)
+            try:  # a known name the tokenizer cannot serve, e.g. "chat" without a chat template
+                template = get_template(args.prompt_template, tokenizer=tokenizer, system=args.system)
+            except ValueError as e:
+                raise JobError(f"--prompt-template {args.prompt_template}: {e} (--model {args.model})") from e
             ray = init_ray(args)
             try:
                 sampler = start_samplers(ray, args)
