@@ -127,8 +127,9 @@ def _collect_write_results_in_process() -> None:
 def _without_zip_checksums():
     """torch_dist writes each tensor with torch.save, which computes a CRC32 of its bytes on one core: most
     of a save's time where the disk is fast (~1.4 GB/s here). torch.load never checks it (a flipped byte
-    loads silently), so on the path these checkpoints are read by it protects nothing. The writer processes
-    are forked inside this context and inherit it."""
+    loads silently), so on the path these checkpoints are read by it protects nothing: integrity is
+    checksums.json instead (zlib's CRC32 of whole files, checked at every read). The writer processes are
+    forked inside this context and inherit it."""
     try:
         from torch.utils.serialization import config
     except ImportError:  # older torch always computes it
