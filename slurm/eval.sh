@@ -15,11 +15,13 @@
 # address (or EVAL_DASHBOARD_HOST, e.g. 127.0.0.1), never 0.0.0.0. Token authentication is on by default
 # with a fresh token for this job, shared with every Ray process of the job through the environment.
 # Every other port a Ray process of the job opens (GCS, Ray Client, node and object managers, dashboard
-# agent, runtime env agent, workers) is bound to the node's internal address (its Slurm NodeAddr) and checks
-# the token. The servers that would answer without it are not started: the agents' Prometheus exporter
+# agent, runtime env agent, workers) is fixed per job and checks the token; the agents and the Ray Client
+# bind the node's internal address (its Slurm NodeAddr), while Ray 2.60's core gRPC servers (GCS, raylet,
+# workers) bind every interface of a node whose address is not loopback, with no option to narrow them.
+# The servers that would answer without the token are not started: the agents' Prometheus exporter
 # (RAY_enable_metrics_collection=0) and the autoscaler monitor with its metrics port (--no-monitor; an
 # allocation's nodes are fixed). Left, because Ray 2.60 has no switch for it: the dashboard head's own
-# read-only Prometheus exporter (port 44227, all interfaces; README, security notes).
+# read-only Prometheus exporter (port 44227, every interface). README, security notes.
 # Ray is torn down (steps killed by pid) when the driver ends, however it ends.
 #
 # Knobs: EVAL_GPU_NODES, EVAL_SANDBOX_PER_NODE (default: CPUs/4), EVAL_RAY_PORT (default from the job id),
@@ -48,12 +50,13 @@ if command -v nvidia-smi >/dev/null 2>&1; then GPUS_PER_NODE=$(nvidia-smi -L 2>/
 RAY_PORT=${EVAL_RAY_PORT:-$(( 30000 + SLURM_JOB_ID % 2000 ))}
 DASHBOARD_PORT=$(( RAY_PORT + 2000 ))
 CLIENT_PORT=$(( RAY_PORT + 4000 ))
-# The daemons' own ports, fixed per job (below the ephemeral range) so that a firewall can name them.
-NODE_MANAGER_PORT=$(( RAY_PORT - 20000 ))
-OBJECT_MANAGER_PORT=$(( RAY_PORT - 18000 ))
-AGENT_LISTEN_PORT=$(( RAY_PORT - 16000 ))
-AGENT_GRPC_PORT=$(( RAY_PORT - 14000 ))
-RUNTIME_ENV_AGENT_PORT=$(( RAY_PORT - 12000 ))
+# The daemons' own ports, fixed per job so that a firewall can name them: 20000-29999, between Ray's worker
+# ports (10002-19999, which Ray refuses to share) and the kernel's ephemeral range.
+NODE_MANAGER_PORT=$(( RAY_PORT - 10000 ))
+OBJECT_MANAGER_PORT=$(( RAY_PORT - 8000 ))
+AGENT_LISTEN_PORT=$(( RAY_PORT - 6000 ))
+AGENT_GRPC_PORT=$(( RAY_PORT - 4000 ))
+RUNTIME_ENV_AGENT_PORT=$(( RAY_PORT - 2000 ))
 HEAD_IP=$(mathtir_master_addr)
 DASHBOARD_HOST=${EVAL_DASHBOARD_HOST:-$HEAD_IP}
 OBJECT_STORE_BYTES=$(( ${EVAL_OBJECT_STORE_MB:-2048} * 1024 * 1024 ))
