@@ -1,4 +1,4 @@
-"""Checkpoint integrity: every file of an iteration has its size and CRC32 recorded by the rank that wrote it,
+"""Checkpoint integrity: every file of an iteration has its size and hash (XXH3) recorded by the rank that wrote it,
 and export, verify and the trainer's load refuse a damaged one by name (exit 2) instead of reading damage
 into the weights or failing in a traceback that names no file."""
 
@@ -80,7 +80,7 @@ def test_every_file_has_the_checksum_of_what_its_rank_wrote(tp2_ckpt):
     ckpt_dir = _iteration(tp2_ckpt)
     recorded = json.loads((ckpt_dir / checkpoint.CHECKSUMS_FILE).read_text())
     on_disk = {p.name for p in ckpt_dir.iterdir() if p.is_file()} - {checkpoint.CHECKSUMS_FILE}
-    assert recorded["algorithm"] == "crc32" and set(recorded["files"]) == on_disk
+    assert recorded["algorithm"] == checkpoint.ALGORITHM and set(recorded["files"]) == on_disk
     assert {name[:4] for name in on_disk if name.endswith(".distcp")} == {"__0_", "__1_"}  # both ranks' files
     for name, entry in recorded["files"].items():
         assert checkpoint.file_checksum(ckpt_dir / name) == entry, name
@@ -97,7 +97,7 @@ def test_export_names_and_refuses_a_damaged_file(tp2_ckpt, tmp_path, damage):
 def test_verify_names_a_damaged_checkpoint_file_and_a_truncated_safetensors(tiny_llama_dir, tp2_ckpt, tmp_path):
     copy, victim = damaged_copy(tp2_ckpt, tmp_path, flip_4k)
     out = cli("verify.py", "--hf-dir", tiny_llama_dir, "--ckpt", copy, expect=2)
-    assert f"verify: error: damaged checkpoint, refused (1 file(s)): {victim}: CRC32" in out, out
+    assert f"verify: error: damaged checkpoint, refused (1 file(s)): {victim}: xxh3_64" in out, out
 
     hf = tmp_path / "hf"
     shutil.copytree(tiny_llama_dir, hf)
@@ -117,5 +117,5 @@ def test_trainer_refuses_a_damaged_init_checkpoint(tiny_init, tiny_shards, tmp_p
                  f"checkpoint.dir={tmp_path / 'run'}", "model.tensor_model_parallel_size=1",
                  "model.sequence_parallel=false"]) == 2
     err = capsys.readouterr().err
-    assert f"mathtir train: error: damaged checkpoint, refused (1 file(s)): {victim}: CRC32" in err, err
+    assert f"mathtir train: error: damaged checkpoint, refused (1 file(s)): {victim}: xxh3_64" in err, err
     assert checkpoint.latest_iteration(tmp_path / "run") is None
