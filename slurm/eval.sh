@@ -19,6 +19,14 @@
 # all run in that image, each as an srun step. The Ray head runs on the first node; its dashboard / Jobs API binds to that node's internal
 # address (or EVAL_DASHBOARD_HOST, e.g. 127.0.0.1), never 0.0.0.0. Token authentication is on by default
 # with a fresh token for this job, shared with every Ray process of the job through the environment.
+# Every other port a Ray process of the job opens (GCS, Ray Client, node and object managers, dashboard
+# agent, runtime env agent, workers) is fixed per job and checks the token; the agents and the Ray Client
+# bind the node's internal address (its Slurm NodeAddr), while Ray 2.60's core gRPC servers (GCS, raylet,
+# workers) bind every interface of a node whose address is not loopback, with no option to narrow them.
+# The servers that would answer without the token are not started: the agents' Prometheus exporter
+# (RAY_enable_metrics_collection=0) and the autoscaler monitor with its metrics port (--no-monitor; an
+# allocation's nodes are fixed). Left, because Ray 2.60 has no switch for it: the dashboard head's own
+# read-only Prometheus exporter (port 44227, every interface). README, security notes.
 # Ray is torn down (steps killed by pid) when the driver ends, however it ends.
 #
 # Knobs: EVAL_GPU_NODES, EVAL_SANDBOX_PER_NODE (default: CPUs/4), EVAL_RAY_PORT (default from the job id),
@@ -71,6 +79,13 @@ if command -v nvidia-smi >/dev/null 2>&1; then GPUS_PER_NODE=$(nvidia-smi -L 2>/
 RAY_PORT=${EVAL_RAY_PORT:-$(( 30000 + SLURM_JOB_ID % 2000 ))}
 DASHBOARD_PORT=$(( RAY_PORT + 2000 ))
 CLIENT_PORT=$(( RAY_PORT + 4000 ))
+# The daemons' own ports, fixed per job so that a firewall can name them: 20000-29999, between Ray's worker
+# ports (10002-19999, which Ray refuses to share) and the kernel's ephemeral range.
+NODE_MANAGER_PORT=$(( RAY_PORT - 10000 ))
+OBJECT_MANAGER_PORT=$(( RAY_PORT - 8000 ))
+AGENT_LISTEN_PORT=$(( RAY_PORT - 6000 ))
+AGENT_GRPC_PORT=$(( RAY_PORT - 4000 ))
+RUNTIME_ENV_AGENT_PORT=$(( RAY_PORT - 2000 ))
 HEAD_IP=$(mathtir_master_addr)
 DASHBOARD_HOST=${EVAL_DASHBOARD_HOST:-$HEAD_IP}
 OBJECT_STORE_BYTES=$(( ${EVAL_OBJECT_STORE_MB:-2048} * 1024 * 1024 ))
@@ -83,6 +98,8 @@ if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ]; then
   export RAY_AUTH_TOKEN
 fi
 export RAY_USAGE_STATS_ENABLED=0
+# No Prometheus exporter in the agents: it binds every interface and answers without the token.
+export RAY_enable_metrics_collection=0
 
 # The resources one node offers: samplers need GPUs, sandboxes the "sandbox" resource. A node's IP is its
 # NodeAddr (emulated nodes share a hostname), which is also what Ray binds.
@@ -90,7 +107,10 @@ node_args() {
   local index=$1 node=$2 ip
   ip=$(scontrol show node "$node" --oneliner | tr ' ' '\n' | sed -n 's/^NodeAddr=//p')
   local args=("--node-ip-address=$ip" "--num-cpus=$CPUS" "--temp-dir=$RAY_TMP-$index"
-              "--object-store-memory=$OBJECT_STORE_BYTES" "--disable-usage-stats")
+              "--object-store-memory=$OBJECT_STORE_BYTES" "--disable-usage-stats"
+              "--node-manager-port=$NODE_MANAGER_PORT" "--object-manager-port=$OBJECT_MANAGER_PORT"
+              "--dashboard-agent-listen-port=$AGENT_LISTEN_PORT" "--dashboard-agent-grpc-port=$AGENT_GRPC_PORT"
+              "--runtime-env-agent-port=$RUNTIME_ENV_AGENT_PORT")
   if [ "$index" -lt "$GPU_NODES" ]; then
     args+=("--num-gpus=$GPUS_PER_NODE")
     # With one node it hosts the sandboxes as well.
@@ -112,7 +132,7 @@ trap teardown EXIT
 mapfile -t HEAD_ARGS < <(node_args 0 "${NODES[0]}")
 echo "eval.sh: Ray head on ${NODES[0]} ($HEAD_IP:$RAY_PORT), dashboard $DASHBOARD_HOST:$DASHBOARD_PORT," \
      "${#NODES[@]} node(s), $GPU_NODES sampler node(s), $SANDBOX_PER_NODE sandbox unit(s) per sandbox node"
-step 0 "$RAY" start --head --block --port="$RAY_PORT" --dashboard-host="$DASHBOARD_HOST" \
+step 0 "$RAY" start --head --block --no-monitor --port="$RAY_PORT" --dashboard-host="$DASHBOARD_HOST" \
   --dashboard-port="$DASHBOARD_PORT" --ray-client-server-port="$CLIENT_PORT" "${HEAD_ARGS[@]}" &
 STEP_PIDS+=($!)
 

@@ -120,8 +120,9 @@ def export_checkpoint(args: argparse.Namespace) -> int:
     from mathtir.models.llama import ModelSpec
 
     try:
-        root, _ = checkpoint.resolve_root(args.ckpt)
+        root, iteration = checkpoint.resolve_root(args.ckpt)
         ModelSpec.from_dir(root)
+        checkpoint.iteration_to_read(root, iteration)  # damaged files named before anything is written
     except INPUT_ERRORS as e:
         return _fail("megatron_to_hf", e)
     start = time.perf_counter()
@@ -137,14 +138,19 @@ def export_checkpoint(args: argparse.Namespace) -> int:
 
 
 def verify_checkpoint(args: argparse.Namespace) -> int:
+    from mathtir.convert.safetensors import HFWeights
     from mathtir.convert.verify import identity_checks, logits_parity
     from mathtir.megatron import checkpoint, parallel
     from mathtir.models.llama import ModelSpec
 
     try:
-        root, _ = checkpoint.resolve_root(args.ckpt)
+        root, iteration = checkpoint.resolve_root(args.ckpt)
         ModelSpec.from_dir(root).check_parallel(args.tp, 1)
         checks = identity_checks(args.hf_dir, root)
+        # Damaged files named here, once, before any rank starts: the HF side's safetensors headers against
+        # their sizes, the checkpoint's files against their checksums.
+        HFWeights(args.hf_dir)
+        checkpoint.iteration_to_read(root, iteration)
     except INPUT_ERRORS as e:
         return _fail("verify", e)
     parallel.relaunch_under_torchrun(args.tp)

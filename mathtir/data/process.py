@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mathtir.data.clean import DecontaminationIndex, MinHasher, exact_key
 from mathtir.data.records import Drop, Record
+from mathtir.recipes import ConfigError
 
 
 @dataclass
@@ -37,7 +38,10 @@ class RecordProcessor:
         self.filters = OmegaConf.to_object(cfg.filters)
         self.seq_length = int(cfg.seq_length)
         self.train_on_outputs = bool(cfg.train_on_outputs)
-        self.template = get_template(cfg.template.name, tokenizer=tokenizer, system=cfg.template.system)
+        try:  # a known name the tokenizer cannot serve, e.g. "chat" without a chat template
+            self.template = get_template(cfg.template.name, tokenizer=tokenizer, system=cfg.template.system)
+        except ValueError as e:
+            raise ConfigError(f"key 'template.name': {e} (tokenizer {cfg.tokenizer})") from e
         self.dialect = get_dialect(cfg.dialect)
         self.backend = tokenizer.backend_tokenizer
         self.decontam = decontam

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from mathtir.formats import TEMPLATE_NAMES
 from mathtir.recipes import check, load_structured
 
 
@@ -125,6 +126,8 @@ def validate(cfg: DictConfig, source: str) -> None:
     check(len(cfg.inputs) > 0, source, "inputs", "needs at least one input")
     check(cfg.input_format in FORMATS, source, "input_format", f"'{cfg.input_format}' is not one of {FORMATS}")
     check(cfg.dialect in DIALECTS, source, "dialect", f"'{cfg.dialect}' is not one of {DIALECTS}")
+    check(cfg.template.name in TEMPLATE_NAMES, source, "template.name",
+          f"'{cfg.template.name}' is not one of {TEMPLATE_NAMES}")
     check(cfg.seq_length >= 2, source, "seq_length", "must be >= 2")
     check(cfg.workers >= 0 and cfg.batch_size >= 1, source, "workers", "workers must be >= 0 and batch_size >= 1")
     check(cfg.fields.messages is not None or (cfg.fields.problem and cfg.fields.response), source, "fields",

@@ -219,20 +219,23 @@ def prepare_manifest(output: Path, args: argparse.Namespace, data_sha256: str) -
 # -- Ray -----------------------------------------------------------------------------------------------------
 
 def init_ray(args: argparse.Namespace):
-    import ray
-
     if os.environ.get("RAY_ADDRESS"):  # the cluster's auth mode (and token) come from the environment
+        import ray
+
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         log.info("joined the Ray cluster at %s", os.environ["RAY_ADDRESS"])
-    else:
-        cpus = args.embedded_cpus or os.cpu_count()
-        sandbox_units = args.sandbox_actors or 1
-        # Loopback only and no dashboard: an embedded cluster serves nobody else. An explicit auth mode:
-        # left unset, ray.init writes ~/.ray/auth_token and every later `ray start` here turns token auth on.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=cpus, resources={"sandbox": sandbox_units}, include_dashboard=False,
-                 _node_ip_address="127.0.0.1", object_store_memory=200 * 1024 * 1024)
-        log.info("started an embedded Ray (%s CPUs, %s sandbox units)", cpus, sandbox_units)
+        return ray
+    from mathtir.eval import embedded_ray
+
+    cpus = args.embedded_cpus or os.cpu_count()
+    sandbox_units = args.sandbox_actors or 1
+    # Serves nobody else: loopback only, a fresh token, no dashboard, no orphans of a killed driver.
+    try:
+        ray = embedded_ray.start(args.output, num_cpus=cpus, resources={"sandbox": sandbox_units},
+                                 object_store_bytes=200 * 1024 * 1024)
+    except embedded_ray.EmbeddedRayError as e:
+        raise JobError(str(e)) from e
+    log.info("started an embedded Ray on loopback with token auth (%s CPUs, %s sandbox units)", cpus, sandbox_units)
     return ray
 
 
@@ -353,7 +356,10 @@ def run(args: argparse.Namespace) -> int:
         sampler_stats = exec_stats = None
         if todo:
             tokenizer = model_tokenizer(args)
-            template = get_template(args.prompt_template, tokenizer=tokenizer, system=args.system)
+            try:  # a known name the tokenizer cannot serve, e.g. "chat" without a chat template
+                template = get_template(args.prompt_template, tokenizer=tokenizer, system=args.system)
+            except ValueError as e:
+                raise JobError(f"--prompt-template {args.prompt_template}: {e} (--model {args.model})") from e
             ray = init_ray(args)
             try:
                 sampler = TimedSampler(start_samplers(ray, args), clock)

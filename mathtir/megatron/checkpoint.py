@@ -6,6 +6,7 @@
 <root>/latest_checkpointed_iteration.txt   "N", written last (after every rank finished iteration N)
 <root>/iter_{N:07d}/                       dist_checkpointing torch_dist; top-level keys "model" and, from
                                            the trainer, "optimizer", "scheduler", "data", "rng", "args"
+<root>/iter_{N:07d}/checksums.json         size and XXH3 of every file above, hashed by the rank that wrote it
 ```
 torch_dist checkpoints are resharded on load: a checkpoint written at one TP/PP loads at another.
 `save`/`load` take the whole nested (sharded) state dict so the trainer's extra keys travel with the model.
@@ -22,15 +23,21 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
 
-from mathtir.files import atomic_write_text
+from mathtir.files import atomic_write_json, atomic_write_text
 from mathtir.megatron.parallel import barrier, rank
 
+log = logging.getLogger(__name__)
+
 LATEST_FILE = "latest_checkpointed_iteration.txt"
+CHECKSUMS_FILE = "checksums.json"
+ALGORITHM = "xxh3_64"
 HF_CONFIG_FILE = "hf_config.json"
 TOKENIZER_DIR = "tokenizer"
 # What an HF export needs besides weights and config.json (whichever of them the source has).
@@ -103,6 +110,7 @@ def save(root: str | Path, iteration: int, state: dict, *, spec, tokenizer_src: 
     with _without_zip_checksums():
         dist_checkpointing.save(state, str(target), sharded_strategy=("torch_dist", 1))
     barrier()
+    _write_checksums(target)
     if rank() == 0:
         atomic_write_text(root / LATEST_FILE, f"{iteration}\n")
     barrier()
@@ -127,13 +135,119 @@ def _collect_write_results_in_process() -> None:
 def _without_zip_checksums():
     """torch_dist writes each tensor with torch.save, which computes a CRC32 of its bytes on one core: most
     of a save's time where the disk is fast (~1.4 GB/s here). torch.load never checks it (a flipped byte
-    loads silently), so on the path these checkpoints are read by it protects nothing. The writer processes
-    are forked inside this context and inherit it."""
+    loads silently), so on the path these checkpoints are read by it protects nothing: integrity is
+    checksums.json instead (XXH3 of whole files, checked at every read). The writer processes are
+    forked inside this context and inherit it."""
     try:
         from torch.utils.serialization import config
     except ImportError:  # older torch always computes it
         return contextlib.nullcontext()
     return config.patch({"save.compute_crc32": False})
+
+
+class CheckpointDamagedError(ValueError):
+    """A checkpoint file that is missing, or whose size or hash differs from what its writer recorded."""
+
+
+def file_checksum(path: Path) -> dict:
+    """{"size", "xxh3_64"} of a file. XXH3 because it hashes ~10 GB/s on one core (zlib's CRC32: ~2), which
+    keeps a save's and an export's extra read of the checkpoint small; what a checkpoint needs is to catch
+    damage, not forgery."""
+    import xxhash
+
+    digest, size = xxhash.xxh3_64(), 0
+    buffer = bytearray(8 << 20)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while got := f.readinto(buffer):
+            digest.update(view[:got])
+            size += got
+    return {"size": size, ALGORITHM: digest.hexdigest()}
+
+
+def _world() -> tuple[int, int]:
+    import torch
+
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _gather(obj) -> list:
+    import torch
+
+    _, world = _world()
+    if world == 1:
+        return [obj]
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
+_WRITER_FILE = re.compile(r"__(\d+)_\d+\.distcp")
+
+
+def _write_checksums(ckpt_dir: Path) -> None:
+    """Collective, after every rank's writer finished: each rank hashes the data files it wrote (torch_dist
+    names them __RANK_N.distcp; they are still in the page cache), rank 0 also the metadata it wrote, and
+    rank 0 records them all. Written before the latest-iteration file, so a checkpoint a resume or an export
+    picks up always has its checksums."""
+    me, _ = _world()
+    mine = {}
+    for path in sorted(ckpt_dir.iterdir()):
+        if not path.is_file() or path.name == CHECKSUMS_FILE:
+            continue
+        writer = _WRITER_FILE.fullmatch(path.name)
+        if (int(writer.group(1)) if writer else 0) == me:
+            mine[path.name] = file_checksum(path)
+    files = {name: entry for part in _gather(mine) for name, entry in part.items()}
+    if me == 0:
+        atomic_write_json(ckpt_dir / CHECKSUMS_FILE, {"algorithm": ALGORITHM, "files": dict(sorted(files.items()))})
+
+
+_verified: set[tuple[Path, int]] = set()  # (iteration dir, checksums.json mtime) already checked by this process
+
+
+def verify_checksums(ckpt_dir: Path) -> None:
+    """Collective where torch.distributed is initialized: the files of `ckpt_dir` against its checksums.json,
+    each file hashed by one rank; every rank raises CheckpointDamagedError naming the damaged files. A
+    checkpoint written before checksums existed is read with a warning."""
+    manifest_path = ckpt_dir / CHECKSUMS_FILE
+    if not manifest_path.is_file():
+        log.warning("%s: no %s (written before checkpoints carried checksums): its files are not checked",
+                    ckpt_dir, CHECKSUMS_FILE)
+        return
+    key = (ckpt_dir.resolve(), manifest_path.stat().st_mtime_ns)
+    if key in _verified:
+        return
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        if manifest["algorithm"] != ALGORITHM:
+            raise ValueError(f"algorithm {manifest['algorithm']!r}, this version checks {ALGORITHM!r}")
+        expected = {str(name): (int(entry["size"]), str(entry[ALGORITHM]))
+                    for name, entry in manifest["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointDamagedError(f"{manifest_path}: unreadable checksum list ({type(e).__name__}: {e})") from e
+    me, world = _world()
+    problems = []
+    for i, (name, (size, digest)) in enumerate(sorted(expected.items())):
+        if i % world != me:
+            continue
+        path = ckpt_dir / name
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+            continue
+        have_size = path.stat().st_size
+        if have_size != size:
+            problems.append(f"{path}: {have_size} bytes, {size} when written (truncated or overwritten)")
+            continue
+        have = file_checksum(path)[ALGORITHM]
+        if have != digest:
+            problems.append(f"{path}: {ALGORITHM} {have}, {digest} when written (damaged content)")
+    problems = sorted(p for part in _gather(problems) for p in part)
+    if problems:
+        raise CheckpointDamagedError(f"damaged checkpoint, refused ({len(problems)} file(s)): " + "; ".join(problems))
+    _verified.add(key)
 
 
 EXTRA_STATE_SUFFIX = "_extra_state"  # megatron's name for TE modules' extra state (transformer/utils.py)
@@ -160,6 +274,8 @@ def _check_against_metadata(template: dict, stored: dict, stored_keys: set[str],
 
 
 def iteration_to_read(root: str | Path, iteration: int | None) -> Path:
+    """The iteration directory to read (default: the latest), its files checked against their checksums
+    (collective where torch.distributed is initialized)."""
     root = Path(root)
     if iteration is None:
         iteration = latest_iteration(root)
@@ -168,6 +284,7 @@ def iteration_to_read(root: str | Path, iteration: int | None) -> Path:
     ckpt_dir = iteration_dir(root, iteration)
     if not (ckpt_dir / "metadata.json").is_file():
         raise FileNotFoundError(f"{ckpt_dir}: missing or incomplete checkpoint (no metadata.json)")
+    verify_checksums(ckpt_dir)
     return ckpt_dir
 
 

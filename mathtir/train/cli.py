@@ -32,13 +32,14 @@ def main(argv: list[str] | None = None) -> int:
         return plan_main(argv[1:])
     import torch.distributed as dist
 
+    from mathtir.megatron.checkpoint import CheckpointDamagedError
     from mathtir.recipes import ConfigError
     from mathtir.train.recipe import load_recipe
     from mathtir.train.trainer import train
 
     try:
         return train(load_recipe(argv[0], argv[1:]))
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError, CheckpointDamagedError) as exc:
         print(f"mathtir train: error: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -237,8 +237,7 @@ class Trainer:
         self.layout = [self.tp, self.pp, self.dp]
         self.resumed_layout = None
         if self.resuming:
-            common = load_common_state_dict(str(checkpoint.iteration_dir(
-                self.run_root, checkpoint.latest_iteration(self.run_root))))
+            common = load_common_state_dict(str(checkpoint.iteration_to_read(self.run_root, None)))
             self.resumed_layout = common["data"]["layout"]
         loaded = checkpoint.load(self.init_root, self._sharded_state(loading=True))
         checkpoint.load_into(self.chunks, loaded["model"], self.init_root)
