@@ -96,9 +96,11 @@ plan_stage() {
   local -a device=(--gpus-per-node "$train_gpus" --gpu-memory "$GPU_MEMORY_GB")
   if [ "$train_gpus" = 0 ]; then device=(--gpus-per-node "$(mathtir_nproc_per_node)" --cpu); fi
   local report rc=0
+  local -a in_image
+  mapfile -t in_image < <(mathtir_container_exec_prefix)  # an Apptainer image runs here too; pyxis only in jobs
   report="$RUN_ROOT/logs/plan-$(basename "$recipe" .yaml).txt"
-  "$(mathtir_python)" -m mathtir train plan "$recipe" "$@" --model "$BASE_HF" --nodes "$train_nodes" \
-    "${device[@]}" > "$report" 2>&1 || rc=$?
+  "${in_image[@]}" "$(mathtir_python)" -m mathtir train plan "$recipe" "$@" --model "$BASE_HF" \
+    --nodes "$train_nodes" "${device[@]}" > "$report" 2>&1 || rc=$?
   case $rc in
     0) ;;
     2|3) cat "$report" >&2; echo "mathtir pipeline: $recipe refused by the plan; nothing submitted" >&2; exit 1 ;;

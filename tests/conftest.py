@@ -32,3 +32,20 @@ def tiny_llama_dir(tmp_path_factory, smollm2_hf_dir: Path) -> Path:
     from mathtir.models.toy import write_toy_llama
 
     return write_toy_llama(tmp_path_factory.mktemp("tiny_llama"), tokenizer_from=smollm2_hf_dir)
+
+
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _launcher_env_stays_with_its_test():
+    """A test that runs the trainer or a converter in this process makes it a world of one: torch.distributed's
+    RANK/MASTER_PORT... land in os.environ. Left there, every later subprocess would inherit them (torchrun
+    children then bind the same port, CLIs skip their torchrun relaunch), so they leave with the test."""
+    before = {name: os.environ.get(name) for name in LAUNCHER_ENV}
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

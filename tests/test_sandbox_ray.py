@@ -13,7 +13,7 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="module")
 def local_ray():
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # an unset mode would write ~/.ray/auth_token (shared notes)
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # an unset mode would write ~/.ray/auth_token
     ray.init(num_cpus=2, resources={"sandbox": 2}, include_dashboard=False, namespace="sandbox-test",
              object_store_memory=80 * 2**20, log_to_driver=False)
     yield
