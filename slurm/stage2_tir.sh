@@ -26,5 +26,9 @@ source "${MATHTIR_ROOT:-${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}}/slurm/common.sh
 recipe=nemo_configs/stage2_tir.yaml
 if [[ "${1:-}" == *.yaml ]]; then recipe=$1; shift; fi
 # TP with sequence parallel: the GPU must run kernels in queue order for megatron's comm/GEMM overlap
-if "$(mathtir_python)" -m mathtir.train.recipe needs-single-cuda-connection "$recipe" "$@"; then export CUDA_DEVICE_MAX_CONNECTIONS=1; fi
+# (asked in the image when one is set: Apptainer runs here; under pyxis the batch shell's Python answers)
+mapfile -t in_image < <(mathtir_container_exec_prefix)
+if "${in_image[@]}" "$(mathtir_python)" -m mathtir.train.recipe needs-single-cuda-connection "$recipe" "$@"; then
+  export CUDA_DEVICE_MAX_CONNECTIONS=1
+fi
 mathtir_launch train "$recipe" "$@"

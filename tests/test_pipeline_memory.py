@@ -20,11 +20,14 @@ grandchild.wait()
 
 
 def test_stage_peak_sums_the_whole_process_tree(tmp_path):
+    import psutil
+
     stage = Stage("allocate", tmp_path / "allocate" / ".done", [sys.executable, "-c", TREE])
+    own = psutil.Process().memory_full_info().pss  # the measuring process counts too (a whole suite's is large)
     elapsed, peak = run_stage(stage, 1, 1, tmp_path)
-    # Both allocations at once, plus three interpreters and this test process; a sampler that saw only the
-    # direct child (or only this process) stays below 700 MB.
-    assert 700 * MB < peak < 700 * MB + 600 * MB, peak
+    # Both allocations at once, plus two small interpreters and this test process; a sampler that saw only the
+    # direct child (or only this process) stays below 700 MB beside this process.
+    assert own + 700 * MB < peak < own + 700 * MB + 300 * MB, (peak, own)
     assert json.loads(stage.done_marker.read_text())["peak_memory_bytes"] == peak
 
 

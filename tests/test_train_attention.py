@@ -194,11 +194,11 @@ def test_knobs_this_machine_cannot_run_are_refused_at_start(tmp_path, capsys, ti
 @pytest.mark.parametrize(("script", "overrides", "expected"), [
     ("stage1_cot.sh", [], "1"),  # TP=2 with sequence parallel
     ("stage1_cot.sh", ["model.sequence_parallel=false"], "unset"),
-    ("stage2_tir.sh", ["model.tensor_model_parallel_size=4"], "1"),
+    ("stage2_tir.sh", ["model.tensor_model_parallel_size=2"], "1"),
     ("stage2_tir.sh", ["model.tensor_model_parallel_size=1", "model.sequence_parallel=false"], "unset"),
 ])
 def test_sbatch_scripts_set_cuda_device_max_connections_for_tp_with_sequence_parallel(tmp_path, script, overrides,
-                                                                                     expected):
+                                                                                     expected, tiny_init):  # noqa: F811
     """The script runs locally (no Slurm); its interpreter is wrapped so that the launch itself only reports the
     variable the ranks would see, while the recipe check runs for real."""
     wrapper = tmp_path / "python"
@@ -208,6 +208,8 @@ exec {PYTHON} "$@"
 """)
     wrapper.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k not in ("SLURM_JOB_ID", "CUDA_DEVICE_MAX_CONNECTIONS")}
+    # a real model to plan for: the scripts check the layout's memory before any rank starts
+    overrides = [*overrides, f"model.init_from={tiny_init}"]
     res = subprocess.run(["bash", str(REPO / "slurm" / script), *overrides], cwd=REPO, capture_output=True,
                          text=True, timeout=120, env={**env, **LAUNCH_ENV, "MATHTIR_PYTHON": str(wrapper),
                                                       "MATHTIR_ROOT": str(REPO)})
