@@ -22,6 +22,9 @@ USED_WITHOUT_IMPORT = {
     "ruff": "a tool: the test command runs it",
     "import-linter": "a tool: the test command runs lint-imports",
     "pytest-timeout": "a pytest plugin (the timeout setting in pyproject.toml)",
+    "fastapi": "`transformers serve`, the real OpenAI-compatible server the backend tests start, needs it",
+    "uvicorn": "`transformers serve` runs on it",
+    "openai": "`transformers serve` imports its request types",
 }
 
 
