@@ -24,6 +24,8 @@ import torch
 from mathtir.eval.problems import Problem
 from mathtir.eval.samplers import GenerationRequest
 
+REPO = Path(__file__).resolve().parent.parent
+
 SERVE = Path(sys.executable).with_name("transformers")
 
 
@@ -213,19 +215,22 @@ def test_openai_retries_429_and_5xx_honouring_retry_after_with_the_key_from_the_
 
 def test_openai_job_in_completions_and_chat_mode_writes_reports_with_the_wall_clock(openai_server, tiny_llama_dir,
                                                                                      tmp_path):
-    from mathtir.eval.job import main
-
     base, _ = openai_server
     data = tmp_path / "dev.jsonl"
     data.write_text("".join(json.dumps({"id": f"q{i}", "problem": f"What is {i} + {i}?",
                                         "expected_answer": str(2 * i), "category": "add"}) + "\n" for i in range(2)))
     for mode in ("completions", "chat"):
         out = tmp_path / mode
-        rc = main(["--backend", "openai", "--api-base", base, "--api-model", str(tiny_llama_dir), "--api-mode", mode,
-                   "--model", str(tiny_llama_dir), "--prompt-template", "chatml", "--data", str(data),
-                   "--output", str(out), "--samples", "2", "--max-tokens", "12", "--embedded-cpus", "2",
-                   "--sandbox-actors", "1", "--no-progress", "--price-output-per-mtok", "10"])
-        assert rc == 0
+        # Its own process, as users run it: the embedded Ray's loopback and token settings are made before
+        # Ray is imported, which this test process did long ago.
+        proc = subprocess.run(
+            [sys.executable, "ray_eval/run.py", "--backend", "openai", "--api-base", base, "--api-model",
+             str(tiny_llama_dir), "--api-mode", mode, "--model", str(tiny_llama_dir), "--prompt-template", "chatml",
+             "--data", str(data), "--output", str(out), "--samples", "2", "--max-tokens", "12", "--embedded-cpus",
+             "2", "--sandbox-actors", "1", "--no-progress", "--price-output-per-mtok", "10"],
+            cwd=REPO, capture_output=True, text=True, timeout=600,
+            env={k: v for k, v in os.environ.items() if not k.startswith("RAY_")})
+        assert proc.returncode == 0, proc.stderr[-4000:]
         run = json.loads((out / "metrics.json").read_text())["run"]
         replica = run["sampler"]["replicas"][0]
         records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]

@@ -100,7 +100,8 @@ def average(sources: list[Source], out: str | Path) -> Path:
     from mathtir.models.llama import ModelSpec
 
     spec = ModelSpec.from_dir(sources[0].root)
-    chunks = build_model(spec, params_dtype=stored_dtype(sources[0]), perform_initialization=False, use_te=False)
+    chunks = build_model(spec, params_dtype=stored_dtype(sources[0]), perform_initialization=False,
+                         attention_backend="local")
     sums = None
     for source in sources:
         checkpoint.load_model(source.root, chunks, source.iteration)
