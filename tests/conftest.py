@@ -49,3 +49,12 @@ def _launcher_env_stays_with_its_test():
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Keeps each phase's report on the test item (`item.rep_call`), so a fixture's teardown can tell that its
+    test failed and add what a server logged."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

@@ -64,6 +64,17 @@ def openai_server(tmp_path_factory):
             proc.kill()
 
 
+@pytest.fixture(autouse=True)
+def server_log_on_failure(request):
+    """The server answers a failure with a bare "500 Internal Server Error": a failed test prints the end of its
+    log, where the cause is."""
+    yield
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed and "openai_server" in request.fixturenames:
+        _, log = request.getfixturevalue("openai_server")
+        print(f"--- end of {log}:\n{log.read_text(errors='replace')[-4000:]}")
+
+
 class Recording:
     """Passes requests to a real sampler and keeps them (to read the conversation a chat backend was sent)."""
 
