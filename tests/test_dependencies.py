@@ -25,6 +25,8 @@ USED_WITHOUT_IMPORT = {
     "fastapi": "`transformers serve`, the real OpenAI-compatible server the backend tests start, needs it",
     "uvicorn": "`transformers serve` runs on it",
     "openai": "`transformers serve` imports its request types",
+    "accelerate": "transformers 5 loads a GGUF file, and `transformers serve` every model (a device_map), only "
+                  "with it installed",
 }
 
 
