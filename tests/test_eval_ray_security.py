@@ -18,6 +18,8 @@ import psutil
 import pytest
 from test_eval_job import REPO, job_args, tir_tiny_dir, wait_for_records, write_data  # noqa: F401
 
+from mathtir.eval.embedded_ray import ray_env
+
 pytestmark = pytest.mark.cluster
 
 # One real method of each gRPC service a Ray process serves (GCS, raylet's node and object managers, core
@@ -43,7 +45,7 @@ def embedded_driver():
 
     def start(args: list[str], log_path: Path) -> subprocess.Popen:
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+        env.update(ray_env("disabled"))
         with open(log_path, "ab") as log:
             procs.append(subprocess.Popen([sys.executable, "ray_eval/run.py", *args], cwd=REPO, env=env,
                                           stdout=log, stderr=subprocess.STDOUT))

@@ -102,6 +102,31 @@ def test_recompute_and_attention_keys_are_read_when_the_recipe_has_them(model_8b
         total(recompute_granularity="everything")
 
 
+def test_auto_attention_on_a_cpu_is_planned_as_the_backend_the_model_builder_picks(model_8b):
+    """On a CPU the builder's "auto" is SDPA (O(s) softmax statistics per query), not megatron's local attention
+    with its s x s fp32 probabilities per head and s x s bool document mask per sequence."""
+    from mathtir.megatron.model import auto_attention_backend
+
+    assert auto_attention_backend(gpu=False) == "sdpa"
+    spec = ModelSpec.from_dir(model_8b)
+
+    def planned(backend: str) -> tuple[plan.Layout, plan.StagePlan]:
+        cfg = load_recipe(STAGE1, [f"model.attention_backend={backend}"])
+        layout = plan.layout_from_recipe(cfg, world_size=16, on_gpu=False)
+        [stage] = plan.plan(spec, layout)
+        return layout, stage
+
+    layout, auto = planned("auto")
+    _, sdpa = planned("sdpa")
+    _, local = planned("local")
+    assert layout.dtype_bytes == 4 and layout.pp == 1 and not layout.attention_dropout
+    assert auto.activations == sdpa.activations and auto.total == sdpa.total
+    s, b, heads = layout.seq_length, layout.micro_batch, spec.num_attention_heads // layout.tp
+    per_layer = b * heads * (s * s * 4 - 4 * s)  # fp32 probabilities instead of the log-sum-exp per query
+    masks = layout.micro_batches * b * s * s
+    assert local.activations["none"] - auto.activations["none"] == spec.num_layers * per_layer + masks
+
+
 def test_a_layout_that_cannot_fit_is_refused(model_8b, capsys):
     args = ["plan", str(STAGE1), "model.tensor_model_parallel_size=1", "model.sequence_parallel=false",
             "optim.use_distributed_optimizer=false", "--nodes", "1", "--gpus-per-node", "8", "--gpu-memory", "80",

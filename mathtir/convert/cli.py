@@ -25,10 +25,18 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from mathtir.models.llama import UnsupportedModelError
 
+T = TypeVar("T")
+
 INPUT_ERRORS = (FileExistsError, FileNotFoundError, KeyError, ValueError, UnsupportedModelError)
+
+
+class _Refused(Exception):
+    """A bad input, its reason already printed: the command exits 2."""
 
 
 def build_parser(prog: str = "mathtir convert") -> argparse.ArgumentParser:
@@ -73,8 +81,12 @@ def _iteration_list(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None, prog: str = "mathtir convert") -> int:
     args = build_parser(prog).parse_args(argv)
-    return {"import": import_checkpoint, "export": export_checkpoint, "verify": verify_checkpoint,
-            "average": average_checkpoints}[args.command](args)
+    command = {"import": import_checkpoint, "export": export_checkpoint, "verify": verify_checkpoint,
+               "average": average_checkpoints}[args.command]
+    try:
+        return command(args)
+    except _Refused:
+        return 2
 
 
 def _fail(tool: str, error: Exception) -> int:
@@ -82,30 +94,46 @@ def _fail(tool: str, error: Exception) -> int:
     return 2
 
 
-def import_checkpoint(args: argparse.Namespace) -> int:
+def _start_ranks(tool: str, args: argparse.Namespace, check_inputs: Callable[[], T]) -> tuple[T, float]:
+    """Run `check_inputs` and refuse an --out that already holds a checkpoint before any rank starts, so a
+    bad input gives one clear message; then start the args.tp * args.pp ranks (a plain process re-launches
+    itself under torchrun when more than one is needed; inside a torchrun/srun world each rank joins it).
+    Returns what `check_inputs` returned and when the ranks started; raises _Refused when the command must
+    exit 2."""
     import torch
 
-    from mathtir.convert.importer import import_hf
-    from mathtir.convert.safetensors import DTYPES, HFWeights
     from mathtir.megatron import checkpoint, parallel
-    from mathtir.models.llama import ModelSpec
 
     try:
-        # Validate before any rank starts, so a bad input gives one clear message.
-        spec = ModelSpec.from_dir(args.hf_dir)
-        spec.check_parallel(args.tp, args.pp)
-        HFWeights(args.hf_dir).check_against(spec)
+        checked = check_inputs()
         if checkpoint.latest_iteration(args.out) is not None:
             raise FileExistsError(f"{args.out} already holds a checkpoint; choose a new --out")
     except INPUT_ERRORS as e:
-        return _fail("hf_to_megatron", e)
+        _fail(tool, e)
+        raise _Refused from e
     parallel.relaunch_under_torchrun(args.tp * args.pp)
 
     start = time.perf_counter()
     parallel.initialize(args.tp, args.pp, seed=0)
     world = torch.distributed.get_world_size()
     if world != args.tp * args.pp:
-        return _fail("hf_to_megatron", ValueError(f"launched with {world} ranks, need tp*pp = {args.tp * args.pp}"))
+        _fail(tool, ValueError(f"launched with {world} ranks, need tp*pp = {args.tp * args.pp}"))
+        raise _Refused
+    return checked, start
+
+
+def import_checkpoint(args: argparse.Namespace) -> int:
+    from mathtir.convert.importer import import_hf
+    from mathtir.convert.safetensors import DTYPES, HFWeights
+    from mathtir.megatron import parallel
+    from mathtir.models.llama import ModelSpec
+
+    def check_inputs() -> None:
+        spec = ModelSpec.from_dir(args.hf_dir)
+        spec.check_parallel(args.tp, args.pp)
+        HFWeights(args.hf_dir).check_against(spec)
+
+    _, start = _start_ranks("hf_to_megatron", args, check_inputs)
     target = import_hf(args.hf_dir, args.out, dtype=DTYPES[args.dtype], tp=args.tp, pp=args.pp)
     if parallel.rank() == 0:
         print(f"hf_to_megatron: wrote {target} (tp={args.tp} pp={args.pp} dtype={args.dtype}) "
@@ -180,27 +208,16 @@ def verify_checkpoint(args: argparse.Namespace) -> int:
 
 
 def average_checkpoints(args: argparse.Namespace) -> int:
-    import torch
-
-    from mathtir.convert.average import average, select_sources
-    from mathtir.megatron import checkpoint, parallel
+    from mathtir.convert.average import Source, average, select_sources
+    from mathtir.megatron import parallel
     from mathtir.models.llama import ModelSpec
 
-    try:
-        # Validate before any rank starts, so a bad input gives one clear message.
+    def check_inputs() -> list[Source]:
         sources = select_sources(args.ckpt, last=args.last, iterations=args.iterations)
         ModelSpec.from_dir(sources[0].root).check_parallel(args.tp, args.pp)
-        if checkpoint.latest_iteration(args.out) is not None:
-            raise FileExistsError(f"{args.out} already holds a checkpoint; choose a new --out")
-    except INPUT_ERRORS as e:
-        return _fail("average", e)
-    parallel.relaunch_under_torchrun(args.tp * args.pp)
+        return sources
 
-    start = time.perf_counter()
-    parallel.initialize(args.tp, args.pp, seed=0)
-    world = torch.distributed.get_world_size()
-    if world != args.tp * args.pp:
-        return _fail("average", ValueError(f"launched with {world} ranks, need tp*pp = {args.tp * args.pp}"))
+    sources, start = _start_ranks("average", args, check_inputs)
     lead = parallel.rank() == 0
     try:
         target = average(sources, args.out)

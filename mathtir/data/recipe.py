@@ -55,17 +55,25 @@ class VerifyConfig:
 
 
 @dataclass
-class DedupConfig:
-    exact: bool = True  # same (problem, response) after normalization
-    near: bool = False  # MinHash + LSH near duplicates of the (problem, response) text
-    near_threshold: float = 0.9  # estimated Jaccard similarity of character shingles
-    num_perm: int = 64
-    bands: int = 16
-    shingle: int = 5
+class MinHashConfig:
+    """MinHash + LSH near-duplicate search (mathtir.data.clean) over character shingles. Its keys sit directly
+    in the sections that search (dedup, decontam: no extra YAML level), each with its own defaults, set in
+    DataRecipe."""
+
+    near_threshold: float = MISSING  # estimated Jaccard similarity of character shingles
+    num_perm: int = MISSING  # MinHash permutations
+    bands: int = MISSING  # LSH bands; must divide num_perm
+    shingle: int = MISSING  # characters per shingle
 
 
 @dataclass
-class DecontamConfig:
+class DedupConfig(MinHashConfig):
+    exact: bool = True  # same (problem, response) after normalization
+    near: bool = False  # MinHash + LSH near duplicates of the (problem, response) text
+
+
+@dataclass
+class DecontamConfig(MinHashConfig):
     eval_sets: list[str] = field(default_factory=list)  # JSONL/Parquet files with `id` and `problem` fields
     id_field: str = "id"
     problem_field: str = "problem"
@@ -77,10 +85,6 @@ class DecontamConfig:
     fingerprint_min_digits: int = 5  # significant digits those numbers must carry together
     fingerprint_min_share: float = 0.5  # share of the training text's numbers above 10 that are the eval problem's
     near_duplicate: bool = True  # MinHash near duplicates of eval problems (same numbers in the same order)
-    near_threshold: float = 0.5  # estimated Jaccard similarity of character shingles
-    num_perm: int = 128
-    bands: int = 32
-    shingle: int = 3
 
 
 @dataclass
@@ -107,8 +111,10 @@ class DataRecipe:
     fields: FieldsConfig = field(default_factory=FieldsConfig)
     filters: FiltersConfig = field(default_factory=FiltersConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
-    dedup: DedupConfig = field(default_factory=DedupConfig)
-    decontam: DecontamConfig = field(default_factory=DecontamConfig)
+    dedup: DedupConfig = field(
+        default_factory=lambda: DedupConfig(near_threshold=0.9, num_perm=64, bands=16, shingle=5))
+    decontam: DecontamConfig = field(
+        default_factory=lambda: DecontamConfig(near_threshold=0.5, num_perm=128, bands=32, shingle=3))
     pack: PackConfig = field(default_factory=PackConfig)
 
 
@@ -134,17 +140,22 @@ def validate(cfg: DictConfig, source: str) -> None:
           "set fields.problem and fields.response, or fields.messages")
     check(cfg.filters.modes is None or cfg.fields.mode is not None, source, "filters.modes", "needs fields.mode")
     check(cfg.verify.workers >= 1 and cfg.verify.timeout_s > 0, source, "verify", "workers >= 1 and timeout_s > 0")
-    check(0 < cfg.dedup.near_threshold <= 1, source, "dedup.near_threshold", "must be in (0, 1]")
-    check(cfg.dedup.num_perm % cfg.dedup.bands == 0, source, "dedup.bands", "must divide dedup.num_perm")
+    _validate_minhash(cfg.dedup, source, "dedup")
     d = cfg.decontam
     check(d.ngram >= 1 and 0 < d.min_overlap <= 1, source, "decontam", "ngram >= 1 and min_overlap in (0, 1]")
     check(d.fingerprint_min_tokens >= 1 and d.fingerprint_min_digits >= 0, source, "decontam.fingerprint_min_tokens",
           "fingerprint_min_tokens >= 1 and fingerprint_min_digits >= 0")
     check(0 < d.fingerprint_min_share <= 1, source, "decontam.fingerprint_min_share", "must be in (0, 1]")
-    check(0 < d.near_threshold <= 1, source, "decontam.near_threshold", "must be in (0, 1]")
-    check(d.shingle >= 1 and d.bands >= 1 and d.num_perm % d.bands == 0, source, "decontam.bands",
-          "shingle >= 1, and bands must divide num_perm")
+    _validate_minhash(d, source, "decontam")
     check(cfg.pack.rows_per_shard >= 1 and cfg.pack.row_group_size >= 1, source, "pack", "sizes must be >= 1")
+
+
+
+def _validate_minhash(section: DictConfig, source: str, name: str) -> None:
+    """The MinHashConfig keys of the recipe section `name`."""
+    check(0 < section.near_threshold <= 1, source, f"{name}.near_threshold", "must be in (0, 1]")
+    check(section.shingle >= 1 and section.bands >= 1 and section.num_perm % section.bands == 0, source,
+          f"{name}.bands", "shingle >= 1, and bands must divide num_perm")
 
 
 # Keys that change how the work is done but not its result: a part written with other values is reused.

@@ -113,6 +113,17 @@ def _take_lock(home: Path, output: str | Path) -> None:
     _held_locks[home] = lock
 
 
+def ray_env(auth_mode: str) -> dict[str, str]:
+    """What every process of a Ray this project starts carries in its environment (the embedded cluster here,
+    the tests' Ray head): one explicit auth mode (left unset, it flips to token auth as soon as some
+    ``ray.init()`` has written ``~/.ray/auth_token``, and a client without that token gets HTTP 401), this
+    driver's token when the mode is ``token``, and no usage stats."""
+    env = {"RAY_AUTH_MODE": auth_mode, "RAY_USAGE_STATS_ENABLED": "0"}
+    if auth_mode == "token":
+        env["RAY_AUTH_TOKEN"] = _token
+    return env
+
+
 def start(output: str | Path, *, num_cpus: int, resources: dict, object_store_bytes: int):
     """Start the embedded cluster for `output` and connect to it; returns the ray module."""
     home = cluster_dir(output)
@@ -131,9 +142,8 @@ def start(output: str | Path, *, num_cpus: int, resources: dict, object_store_by
         else:
             entry.unlink()
 
-    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": _token,
-                       "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_enable_metrics_collection": "0",
-                       "RAY_USAGE_STATS_ENABLED": "0", MARK: key})
+    os.environ.update({**ray_env("token"), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                       "RAY_enable_metrics_collection": "0", MARK: key})
     os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
     import ray
 

@@ -81,6 +81,14 @@ def te_available() -> bool:
     return True
 
 
+def auto_attention_backend(*, gpu: bool) -> str:
+    """The backend "auto" stands for on a machine with or without a GPU: Transformer Engine where it can run
+    here, else SDPA. The model builder asks about this machine, the training planner (mathtir.train.plan)
+    about the device it plans for (a GPU run planned where TE cannot run gets SDPA: both keep O(s) attention
+    memory)."""
+    return "te" if gpu and te_available() else "sdpa"
+
+
 def resolve_attention_backend(requested: str) -> str:
     """The backend `requested` ("auto" resolved) if this machine can run it; ValueError naming why not."""
     from mathtir.megatron.attention import BACKENDS
@@ -88,7 +96,7 @@ def resolve_attention_backend(requested: str) -> str:
     if requested not in BACKENDS:
         raise ValueError(f"attention backend {requested!r} is not one of {BACKENDS}")
     if requested == "auto":
-        return "te" if te_available() else "sdpa"
+        return auto_attention_backend(gpu=torch.cuda.is_available())
     if requested == "te" and not te_available():
         raise ValueError("attention backend 'te' needs Transformer Engine and a GPU; use auto, sdpa or local")
     if requested == "flex" and not torch.cuda.is_available():

@@ -14,7 +14,8 @@ What the trainer allocates, per rank of the heaviest pipeline stage:
   the two norm inputs and the QKV and FC1 inputs (4sbh, divided by TP with sequence parallel), Q/K/V, the
   attention output, FC1's two halves and SwiGLU's output (s·b·(q + 2kv + q + 3f) / TP), dropout masks when
   dropout is on, and for megatron's unfused local attention the s x s probabilities (fp32 softmax output, and a
-  bf16 copy on GPUs) per head; fused attention (TE, SDPA, flex) keeps O(s) instead. Selective recompute
+  bf16 copy on GPUs) per head; fused attention (TE, SDPA, flex) keeps O(s) instead. "auto" is counted as the
+  backend the model builder resolves it to on the planned device (mathtir.megatron.model). Selective recompute
   recomputes core attention (the s x s term goes); full recompute keeps each recompute group's input plus one
   group's activations while it is recomputed. The first stage of a 1F1B pipeline holds PP micro-batches in
   flight (interleaved: more, megatron's warmup count), without a pipeline one micro-batch. The last stage adds
@@ -115,15 +116,17 @@ def layout_from_recipe(cfg, *, world_size: int, on_gpu: bool) -> Layout:
     method = m.get("recompute_method")
     if method not in RECOMPUTE_METHODS:
         raise PlanError(f"model.recompute_method: {method!r} is not one of {RECOMPUTE_METHODS}")
-    # Fused unless megatron's local path runs: asked for, or (this branch's trainer) on a CPU where auto means
-    # local. The attention backends' branch makes auto fused on CPUs too; then the key says so.
-    fused = backend in ("te", "sdpa", "flex") or (backend == "auto" and on_gpu)
+    if backend == "auto":
+        from mathtir.megatron.model import auto_attention_backend
+
+        backend = auto_attention_backend(gpu=on_gpu)
     return Layout(tp=tp, pp=pp, vp=m.virtual_pipeline_model_parallel_size, dp=world_size // (tp * pp),
                   micro_batch=m.micro_batch_size, global_batch=m.global_batch_size, seq_length=cfg.data.seq_length,
                   sequence_parallel=bool(m.sequence_parallel) and tp > 1,
                   distributed_optimizer=bool(cfg.optim.use_distributed_optimizer),
                   dtype_bytes=2 if on_gpu and cfg.trainer.precision == "bf16-mixed" else 4, on_gpu=on_gpu,
-                  fused_attention=fused, recompute_granularity=granularity, recompute_method=method or "uniform",
+                  fused_attention=backend != "local", recompute_granularity=granularity,
+                  recompute_method=method or "uniform",
                   recompute_num_layers=m.get("recompute_num_layers") or 1,
                   hidden_dropout=m.hidden_dropout > 0, attention_dropout=m.attention_dropout > 0)
 

@@ -1,8 +1,8 @@
 """A real Ray head on 127.0.0.1 for tests: `ray start --head --block`, private ports and temp dir, stopped by pid.
 
 What it takes on a shared CI machine (docs/cluster-testing.md):
-- every process of the run gets one explicit ``RAY_AUTH_MODE`` (an unset mode flips to token auth as soon as
-  some embedded ``ray.init()`` has written ``~/.ray/auth_token``, and the CLI then gets HTTP 401);
+- every process of the run gets the environment of every Ray this project starts
+  (``mathtir.eval.embedded_ray.ray_env``), here with auth disabled: one explicit ``RAY_AUTH_MODE``;
 - the dashboard / Jobs API binds to loopback only;
 - ``--block`` keeps the head a child of this process, so it is stopped by pid (``ray stop`` would kill every
   Ray process on the machine, other engineers' included);
@@ -30,6 +30,8 @@ import urllib.request
 from pathlib import Path
 
 import psutil
+
+from mathtir.eval.embedded_ray import ray_env
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -79,9 +81,7 @@ class RayHead:
     @property
     def env(self) -> dict[str, str]:
         """Environment for every process that talks to this head (CLI, drivers)."""
-        env = dict(os.environ)
-        env["RAY_AUTH_MODE"] = AUTH_MODE
-        env["RAY_USAGE_STATS_ENABLED"] = "0"
+        env = {**os.environ, **ray_env(AUTH_MODE)}
         env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
         env.pop("RAY_ADDRESS", None)
         return env
