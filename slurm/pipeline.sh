@@ -3,6 +3,9 @@
 # at once after printing the job ids):
 #   data (CoT, TIR)  ─┐
 #   import HF → Megatron ─┴→ stage 1 CoT SFT → stage 2 TIR SFT [→ average last K] → export to HF → verify → evaluate
+# With GENERATE_FROM, stage 2's TIR data is made rather than read: a teacher (a named model, or stage 1's model
+# exported to HF) solves GENERATE_PROBLEMS through slurm/generate.sh, and the kept solutions are prepared:
+#   [stage 1 → export stage 1 →] generate → data (TIR) → stage 2 ...
 # Each job starts only when the ones it needs succeeded (afterok); a failed job cancels what depends on it.
 # Before submitting anything, both training layouts are planned (`mathtir train plan`, the base model's shape,
 # the training jobs' nodes and GPUs): a layout that cannot fit GPU_MEMORY_GB is refused here, not after the
@@ -12,7 +15,13 @@
 #   EVAL_DATA=/data/dev.jsonl bash slurm/pipeline.sh
 #
 # Knobs (environment; defaults are the 8B recipes):
-#   BASE_HF, COT_DATA, TIR_DATA, EVAL_DATA   required: the HF base model and the input files
+#   BASE_HF, COT_DATA, TIR_DATA, EVAL_DATA   required: the HF base model and the input files (TIR_DATA not
+#                                            with GENERATE_FROM)
+#   GENERATE_FROM                            "stage1" (the stage-1 model is the teacher) or a teacher's HF
+#                                            directory (for an API teacher: its tokenizer's, with GENERATE_ARGS
+#                                            "--backend openai --api-base URL --api-model NAME")
+#   GENERATE_PROBLEMS, GENERATE_ARGS="..."   the problems with answers; extra ray_eval/generate.py flags
+#   GENERATE_SBATCH_ARGS                     flags for the generation job (default: EVAL_SBATCH_ARGS)
 #   RUN_ROOT=runs                            where every stage writes (data/, models/, stage1_cot/, ...)
 #   COT_DATA_RECIPE, TIR_DATA_RECIPE         default nemo_configs/data_openmathreasoning.yaml for both
 #   COT_DATA_OVERRIDES                       default: none
@@ -34,7 +43,12 @@ source "${MATHTIR_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}/slurm/
 
 : "${BASE_HF:?set BASE_HF to the Hugging Face base model directory}"
 : "${COT_DATA:?set COT_DATA to the chain-of-thought training file(s), comma separated}"
-: "${TIR_DATA:?set TIR_DATA to the TIR training file(s), comma separated}"
+GENERATE_FROM=${GENERATE_FROM:-}
+if [ -n "$GENERATE_FROM" ]; then
+  : "${GENERATE_PROBLEMS:?set GENERATE_PROBLEMS to the problems the teacher solves (with expected_answer)}"
+else
+  : "${TIR_DATA:?set TIR_DATA to the TIR training file(s), comma separated (or GENERATE_FROM to make them)}"
+fi
 : "${EVAL_DATA:?set EVAL_DATA to the evaluation problems (.jsonl or .parquet)}"
 RUN_ROOT=$(realpath -m "${RUN_ROOT:-runs}")
 COT_DATA_RECIPE=${COT_DATA_RECIPE:-nemo_configs/data_openmathreasoning.yaml}
@@ -55,6 +69,8 @@ read -r -a eval_flags <<< "${EVAL_SBATCH_ARGS:-}"
 read -r -a stage1_overrides <<< "${STAGE1_OVERRIDES:-}"
 read -r -a stage2_overrides <<< "${STAGE2_OVERRIDES:-}"
 read -r -a eval_args <<< "${EVAL_ARGS:-}"
+read -r -a generate_flags <<< "${GENERATE_SBATCH_ARGS-${EVAL_SBATCH_ARGS:-}}"
+read -r -a generate_args <<< "${GENERATE_ARGS:-}"
 mkdir -p "$RUN_ROOT/logs"
 
 # submit NAME DEPENDENCIES SBATCH_FLAGS... -- SCRIPT ARGS...: prints the job id.
@@ -69,16 +85,17 @@ submit() {
     "${dep_flag[@]}" "${common[@]}" "${flags[@]}" "$@" | cut -d';' -f1
 }
 
-# prepare NAME RECIPE INPUTS OVERRIDES...: prints the id of the job that finishes the data set: one job, or
-# the merge job after an array of parts (prepare_data.sh prints its id last).
+# prepare NAME RECIPE INPUTS DEPENDENCIES OVERRIDES...: prints the id of the job that finishes the data set:
+# one job, or the merge job after an array of parts (prepare_data.sh prints its id last).
 prepare() {
-  local name=$1 recipe=$2 inputs=$3; shift 3
+  local name=$1 recipe=$2 inputs=$3 deps=$4; shift 4
   local args=("$recipe" "inputs=[$inputs]" "output_dir=$RUN_ROOT/data/$name" "tokenizer=$BASE_HF"
               "decontam.eval_sets=[$EVAL_DATA]" "$@")
   if [ "$DATA_PARTS" -gt 1 ]; then
-    bash slurm/prepare_data.sh --parts "$DATA_PARTS" --sbatch "${common[*]} ${cpu_flags[*]}" "${args[@]}" | tail -n1
+    bash slurm/prepare_data.sh --parts "$DATA_PARTS" --after "$deps" --sbatch "${common[*]} ${cpu_flags[*]}" \
+      "${args[@]}" | tail -n1
   else
-    submit "data_$name" "" "${cpu_flags[@]}" -- slurm/prepare_data.sh "${args[@]}"
+    submit "data_$name" "$deps" "${cpu_flags[@]}" -- slurm/prepare_data.sh "${args[@]}"
   fi
 }
 
@@ -111,13 +128,27 @@ plan_stage() {
 plan_stage "$STAGE1_RECIPE" "${stage1_overrides[@]}"
 plan_stage "$STAGE2_RECIPE" "${stage2_overrides[@]}"
 
-cot=$(prepare stage1_cot "$COT_DATA_RECIPE" "$COT_DATA" "${cot_overrides[@]}")
-tir=$(prepare stage2_tir "$TIR_DATA_RECIPE" "$TIR_DATA" "${tir_overrides[@]}")
+cot=$(prepare stage1_cot "$COT_DATA_RECIPE" "$COT_DATA" "" "${cot_overrides[@]}")
 import=$(submit import "" "${cpu_flags[@]}" -- slurm/convert.sh hf_to_megatron \
   --hf-dir "$BASE_HF" --out "$RUN_ROOT/models/base" --tp "$IMPORT_TP")
 stage1=$(submit stage1_cot "$cot:$import" "${train_flags[@]}" -- slurm/stage1_cot.sh "$STAGE1_RECIPE" \
   "model.init_from=$RUN_ROOT/models/base" "data.train_dir=$RUN_ROOT/data/stage1_cot" \
   "checkpoint.dir=$RUN_ROOT/stage1_cot" "${stage1_overrides[@]}")
+export_stage1='' generate=''
+if [ -n "$GENERATE_FROM" ]; then
+  teacher=$GENERATE_FROM
+  if [ "$GENERATE_FROM" = stage1 ]; then
+    teacher=$RUN_ROOT/hf/stage1_cot
+    export_stage1=$(submit export_stage1 "$stage1" "${cpu_flags[@]}" -- slurm/convert.sh megatron_to_hf \
+      --ckpt "$RUN_ROOT/stage1_cot" --out "$teacher" --hf-template "$BASE_HF")
+  fi
+  generate=$(submit generate "$export_stage1" "${generate_flags[@]}" -- slurm/generate.sh \
+    --model "$teacher" --data "$GENERATE_PROBLEMS" --output "$RUN_ROOT/generate" "${generate_args[@]}")
+  tir=$(prepare stage2_tir "$TIR_DATA_RECIPE" "$RUN_ROOT/generate/solutions/*.jsonl" "$generate" \
+    "${tir_overrides[@]}")
+else
+  tir=$(prepare stage2_tir "$TIR_DATA_RECIPE" "$TIR_DATA" "" "${tir_overrides[@]}")
+fi
 stage2=$(submit stage2_tir "$stage1:$tir" "${train_flags[@]}" -- slurm/stage2_tir.sh "$STAGE2_RECIPE" \
   "model.init_from=$RUN_ROOT/stage1_cot" "data.train_dir=$RUN_ROOT/data/stage2_tir" \
   "checkpoint.dir=$RUN_ROOT/stage2_tir" "${stage2_overrides[@]}")
@@ -138,9 +169,11 @@ evaluate=$(submit eval "$verify" "${eval_flags[@]}" -- slurm/eval.sh \
 cat <<EOF
 mathtir pipeline submitted (outputs under $RUN_ROOT, job logs in $RUN_ROOT/logs):
   data stage1_cot  $cot
-  data stage2_tir  $tir
   import           $import
-  stage1_cot       $stage1
+  stage1_cot       $stage1${export_stage1:+
+  export_stage1    $export_stage1}${generate:+
+  generate         $generate}
+  data stage2_tir  $tir
   stage2_tir       $stage2${average:+
   average          $average}
   export           $export_

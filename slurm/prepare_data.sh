@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Data preparation on CPU nodes: records -> verified, deduplicated, packed shards (mathtir data).
-#   bash slurm/prepare_data.sh --parts N recipe.yaml [key=value ...]
-#       submits an array job of N tasks (task i prepares every N-th record) and a merge job that starts when
-#       all of them succeeded; prints both job ids, the merge job's id last (chain later stages on it:
-#       sbatch --dependency=afterok:<id> ...).
+#   bash slurm/prepare_data.sh --parts N [--after JOBID] recipe.yaml [key=value ...]
+#       submits an array job of N tasks (task i prepares every N-th record; with --after, once job JOBID, e.g.
+#       the one writing the inputs, succeeded) and a merge job that starts when all of them succeeded; prints
+#       both job ids, the merge job's id last (chain later stages on it: sbatch --dependency=afterok:<id> ...).
 #   sbatch slurm/prepare_data.sh recipe.yaml [key=value ...]     the whole preparation in one job
 #   bash slurm/prepare_data.sh recipe.yaml [key=value ...]       the same without Slurm, on this machine
 # A rerun skips parts that are already done (their outputs are written atomically), so a failed or
@@ -21,11 +21,12 @@ set -euo pipefail
 # shellcheck source=slurm/common.sh
 source "${MATHTIR_ROOT:-${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}}/slurm/common.sh"
 
-parts=1
+parts=1 after=
 sbatch_extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --parts) parts=$2; shift 2 ;;
+    --after) after=$2; shift 2 ;;
     --sbatch) read -r -a sbatch_extra <<< "$2"; shift 2 ;;
     *) break ;;
   esac
@@ -35,8 +36,10 @@ done
 # Submitter: the array of parts, then the merge once every part succeeded.
 if [ "$parts" -gt 1 ]; then
   script="$MATHTIR_ROOT/slurm/prepare_data.sh"
+  after_flag=()
+  [ -z "$after" ] || after_flag=("--dependency=afterok:$after")
   array_id=$(sbatch --parsable --array="0-$((parts - 1))" --job-name=prepare_data_part \
-    --output="%x-%A_%a.out" "${sbatch_extra[@]}" "$script" "$@")
+    --output="%x-%A_%a.out" "${after_flag[@]}" "${sbatch_extra[@]}" "$script" "$@")
   array_id=${array_id%%;*}
   merge_id=$(sbatch --parsable --dependency="afterok:$array_id" --job-name=prepare_data_merge \
     --export="ALL,MATHTIR_DATA_MERGE_PARTS=$parts" "${sbatch_extra[@]}" "$script" "$@")

@@ -12,8 +12,8 @@ import pytest
 HELP_COMMANDS = [
     [], ["data"], ["data", "prepare"], ["data", "demo"], ["train"], ["train", "plan"], ["convert"],
     ["convert", "import"], ["convert", "export"], ["convert", "verify"], ["convert", "average"], ["eval"],
-    ["eval", "run"], ["eval", "compare"], ["sandbox"], ["sandbox", "selftest"], ["model"], ["model", "smollm2"],
-    ["demo"],
+    ["eval", "run"], ["eval", "compare"], ["generate"], ["sandbox"], ["sandbox", "selftest"], ["model"],
+    ["model", "smollm2"], ["demo"],
 ]
 
 

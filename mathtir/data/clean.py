@@ -1,4 +1,4 @@
-"""Cleaning that needs no sandbox: text normalization, exact and near duplicate keys, decontamination.
+"""Cleaning that needs no sandbox: exact and near duplicate keys, decontamination.
 
 Near duplicates use MinHash over character shingles with LSH banding. Decontamination (docs/decontamination.md)
 matches a training problem against the evaluation problems three ways, on text whose numbers are written one
@@ -20,13 +20,10 @@ from decimal import Decimal
 
 import numpy as np
 
+from mathtir.similarity import char_shingles, normalize
+
 _WORD = re.compile(r"[a-z0-9]+(?:\.[0-9]+)?|[^\W_]", re.UNICODE)
 _MERSENNE = (1 << 61) - 1
-
-
-def normalize(text: str) -> str:
-    """NFKC (full-width digits and letters to ASCII), lower case, whitespace collapsed."""
-    return " ".join(unicodedata.normalize("NFKC", text).lower().split())
 
 
 def exact_key(problem: str, response: str) -> bytes:
@@ -174,9 +171,7 @@ class MinHasher:
         self.shingle = shingle
 
     def signature(self, text: str) -> np.ndarray:
-        compact = normalize(text).replace(" ", "")
-        k = self.shingle
-        grams = {compact[i:i + k] for i in range(max(1, len(compact) - k + 1))}
+        grams = char_shingles(text, self.shingle)
         hashes = np.fromiter((zlib.crc32(g.encode()) for g in grams), dtype=np.uint64, count=len(grams))
         # (a*x + b) mod p with x < 2^32 and a, b < 2^61: the product overflows uint64, which still gives a
         # fixed pseudo-random permutation per (a, b) -- all that MinHash needs.

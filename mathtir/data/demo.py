@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from mathtir.data.clean import normalize
+from mathtir.similarity import normalize
 
 SOURCE = "synthetic:mathtir-demo"
 NAMES = ["たろう", "はなこ", "けんた", "さくら", "ゆうき", "みお"]

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mathtir.data.clean import DecontaminationIndex
 from mathtir.data.process import Document, RecordProcessor
-from mathtir.data.recipe import fingerprint
+from mathtir.data.recipe import expand_input, fingerprint
 from mathtir.data.records import Drop, Record, iter_records
 from mathtir.files import atomic_target, atomic_write_json
 from mathtir.readers import DataError, InvalidRecord, detect_format, iter_rows
@@ -51,10 +51,11 @@ def log(message: str) -> None:
 def resolve_inputs(cfg: DictConfig) -> list[tuple[Path, str]]:
     inputs = []
     for raw in cfg.inputs:
-        path = Path(raw)
-        if not path.exists():
-            raise DataError(f"{path}: input not found (listed in `inputs`)")
-        inputs.append((path, detect_format(path) if cfg.input_format == "auto" else cfg.input_format))
+        paths = expand_input(raw)
+        if not paths:
+            raise DataError(f"{raw}: input not found (listed in `inputs`)")
+        inputs += [(path, detect_format(path) if cfg.input_format == "auto" else cfg.input_format)
+                   for path in paths]
     return inputs
 
 

@@ -6,6 +6,7 @@ silent default. Paths are relative to the working directory (the repository root
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -96,7 +97,7 @@ class PackConfig:
 @dataclass
 class DataRecipe:
     name: str = MISSING
-    inputs: list[str] = MISSING  # files or HF save_to_disk directories
+    inputs: list[str] = MISSING  # files, glob patterns of files, or HF save_to_disk directories
     input_format: str = "auto"  # auto | jsonl | json | parquet | hf_disk
     output_dir: str = MISSING
     tokenizer: str = MISSING  # a local HF tokenizer directory (fast tokenizer)
@@ -169,9 +170,15 @@ def fingerprint(cfg: DictConfig) -> str:
         content.pop(key, None)
     content["verify"] = {k: v for k, v in content["verify"].items() if k != "workers"}
     stats = []
-    for p in content["inputs"]:
-        path = Path(p)
-        if path.exists():
-            files = sorted(path.rglob("*")) if path.is_dir() else [path]
-            stats.append([(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()])
+    for path in (path for p in content["inputs"] for path in expand_input(p)):
+        files = sorted(path.rglob("*")) if path.is_dir() else [path]
+        stats.append([(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()])
     return hashlib.sha256(json.dumps([content, stats], sort_keys=True).encode()).hexdigest()
+
+
+def expand_input(entry: str) -> list[Path]:
+    """The existing paths one `inputs` entry names: itself, or a glob pattern's matches in sorted order (the
+    part files of a sharded source, e.g. `mathtir generate`'s solutions/part-*.jsonl)."""
+    if any(c in entry for c in "*?["):
+        return [Path(p) for p in sorted(glob.glob(entry))]
+    return [Path(entry)] if Path(entry).exists() else []

@@ -18,16 +18,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import itertools
 import json
 import logging
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from mathtir.eval.problems import FieldNames, load_problems
-from mathtir.eval.records import RECORDS_FILE, RecordsError, RecordStore
+from mathtir.eval.problems import FieldNames, Problem, load_problems
+from mathtir.eval.records import RECORDS_FILE, RecordsError, RecordStore, SampleRecord
 from mathtir.eval.samplers import BACKENDS
 from mathtir.eval.timeline import TimedExecutor, TimedSampler, WallClock
 from mathtir.eval.tir import TIRConfig, run_sample
@@ -54,10 +56,17 @@ class JobError(RuntimeError):
 def build_parser(prog: str = "mathtir eval run") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_sampling_arguments(p, samples=15, samples_help="samples per problem (majority vote over them)")
+    return p
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser, *, samples: int, samples_help: str) -> None:
+    """The options of every job that samples TIR trajectories (evaluation, generation): model and backend,
+    data, the loop, the sandbox and the resources."""
     p.add_argument("--model", help="HF model directory (hf, vllm); for openai: the tokenizer directory, optional")
     p.add_argument("--data", required=True, help="problems: .jsonl or .parquet")
     p.add_argument("--output", required=True, help="output directory (a rerun resumes it)")
-    p.add_argument("--samples", type=int, default=15, help="samples per problem (majority vote over them)")
+    p.add_argument("--samples", type=int, default=samples, help=samples_help)
     p.add_argument("--max-code-executions", type=int, default=5)
     p.add_argument("--max-tokens", type=int, default=4096, help="response budget: generated + inserted tokens")
     p.add_argument("--temperature", type=float, default=0.7)
@@ -115,7 +124,6 @@ def build_parser(prog: str = "mathtir eval run") -> argparse.ArgumentParser:
                      help="USD per million generated tokens (with either price, the cost is in metrics)")
     p.add_argument("--embedded-cpus", type=int, default=None, help="CPUs of an embedded Ray (default: all)")
     p.add_argument("--no-progress", action="store_true")
-    return p
 
 
 def uploaded_working_dir() -> str | None:
@@ -192,14 +200,15 @@ def code_revision() -> dict:
     return {"git": revision, "source_sha256": h.hexdigest()}
 
 
-def prepare_manifest(output: Path, args: argparse.Namespace, data_sha256: str) -> dict:
+def prepare_manifest(output: Path, args: argparse.Namespace, data_sha256: str, *,
+                     identity_args: tuple[str, ...] = IDENTITY_ARGS, parser=build_parser) -> dict:
     path = output / MANIFEST_FILE
-    identity = {k: getattr(args, k) for k in IDENTITY_ARGS}
+    identity = {k: getattr(args, k) for k in identity_args}
     identity["data_sha256"] = data_sha256
     if path.exists():
         manifest = json.loads(path.read_text())
         # An argument added after the run started is recorded as absent: it then counts as its default.
-        defaults = vars(build_parser().parse_args(["--data", "-", "--output", "-"]))
+        defaults = vars(parser().parse_args(["--data", "-", "--output", "-"]))
         recorded = {k: manifest["identity"].get(k, defaults.get(k)) for k in identity}
         differing = {k: (recorded[k], v) for k, v in identity.items() if recorded[k] != v}
         if differing:
@@ -287,23 +296,32 @@ def model_tokenizer(args: argparse.Namespace):
 
 # -- the run -------------------------------------------------------------------------------------------------
 
-async def run_all(todo, store: RecordStore, *, sampler, executor, tokenizer, template, dialect, output_format,
-                  config: TIRConfig, attempt: int, max_in_flight: int, progress) -> None:
-    slots = asyncio.Semaphore(max_in_flight)
+async def run_samples(todo: Iterable[tuple[Problem, int]], finished: Callable[[Problem, SampleRecord], None], *,
+                      sampler, executor, tokenizer, template, dialect, output_format, config: TIRConfig,
+                      attempt: int, max_in_flight: int) -> None:
+    """Runs every (problem, sample index) of `todo` with at most `max_in_flight` trajectories at once, calling
+    `finished` with each record as soon as it is done. `todo` is drawn only as slots free up, so a run of
+    millions of samples holds a window of them, never the whole list, and the first error stops the rest."""
+    running: set[asyncio.Task] = set()
+    pending = iter(todo)
 
-    async def one(problem, index):
-        async with slots:
-            record = await run_sample(problem, index, sampler=sampler, executor=executor, tokenizer=tokenizer,
-                                      template=template, dialect=dialect, output_format=output_format,
-                                      config=config, attempt=attempt)
-        store.append(record)  # at once: a kill after this line loses nothing
-        progress.update(1)
+    async def one(problem: Problem, index: int) -> None:
+        record = await run_sample(problem, index, sampler=sampler, executor=executor, tokenizer=tokenizer,
+                                  template=template, dialect=dialect, output_format=output_format, config=config,
+                                  attempt=attempt)
+        finished(problem, record)
 
-    tasks = [asyncio.ensure_future(one(problem, index)) for problem, index in todo]
     try:
-        await asyncio.gather(*tasks)
+        while True:
+            for problem, index in itertools.islice(pending, max_in_flight - len(running)):
+                running.add(asyncio.ensure_future(one(problem, index)))
+            if not running:
+                return
+            done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # raises the sample's error
     finally:
-        for task in tasks:
+        for task in running:
             task.cancel()
 
 
@@ -367,11 +385,15 @@ def run(args: argparse.Namespace) -> int:
                 progress = tqdm(total=len(problems) * args.samples, initial=resumed, desc="samples",
                                 disable=args.no_progress, mininterval=1 if sys.stderr.isatty() else 10,
                                 file=sys.stderr)
+
+                def finished(problem: Problem, record: SampleRecord) -> None:
+                    store.append(record)  # at once: a kill after this line loses nothing
+                    progress.update(1)
+
                 clock.start_sampling()
-                asyncio.run(run_all(todo, store, sampler=sampler, executor=executor, tokenizer=tokenizer,
-                                    template=template, dialect=dialect, output_format=output_format,
-                                    config=config, attempt=attempt, max_in_flight=args.max_in_flight,
-                                    progress=progress))
+                asyncio.run(run_samples(todo, finished, sampler=sampler, executor=executor, tokenizer=tokenizer,
+                                        template=template, dialect=dialect, output_format=output_format,
+                                        config=config, attempt=attempt, max_in_flight=args.max_in_flight))
                 clock.end_sampling()
                 progress.close()
                 sampler_stats, exec_stats = sampler.stats(), executor.stats()
