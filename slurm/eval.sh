@@ -14,16 +14,8 @@
 # The Ray cluster (nodes, resources, ports, token, teardown) and its knobs: slurm/ray_cluster.sh.
 set -euo pipefail
 
-if [ -n "${SLURM_JOB_ID:-}" ] && [ -f "${SLURM_SUBMIT_DIR:-.}/slurm/common.sh" ]; then
-  # shellcheck source=slurm/common.sh
-  source "${SLURM_SUBMIT_DIR}/slurm/common.sh"
-else
-  # shellcheck source=slurm/common.sh
-  source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/common.sh"
-fi
-RAY_JOB_SCRIPT=eval.sh
-RAY_JOB_DRIVER=ray_eval/run.py
+# shellcheck source=slurm/common.sh
+source "${MATHTIR_ROOT:-${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}}/slurm/common.sh"
+RAY_JOB_SCRIPT=eval.sh RAY_JOB_DRIVER=ray_eval/run.py
 # shellcheck source=slurm/ray_cluster.sh
-source "$MATHTIR_ROOT/slurm/ray_cluster.sh"
-
-step 0 "$PYTHON" "$RAY_JOB_DRIVER" "$@"
+source "$MATHTIR_ROOT/slurm/ray_cluster.sh" "$@"

@@ -1,7 +1,7 @@
 # shellcheck shell=bash
-# A Ray cluster inside a Slurm allocation, for a driver that samples TIR trajectories: sourced (after
-# slurm/common.sh) by slurm/eval.sh and slurm/generate.sh, which set RAY_JOB_SCRIPT (their name, for messages)
-# and RAY_JOB_DRIVER (the ray_eval/ script), then run the driver with `step 0 "$PYTHON" "$RAY_JOB_DRIVER" ...`.
+# A Ray cluster inside a Slurm allocation, then a driver on it that samples TIR trajectories: sourced (after
+# slurm/common.sh) by slurm/eval.sh and slurm/generate.sh with their arguments, which set RAY_JOB_SCRIPT (their
+# name, for messages) and RAY_JOB_DRIVER (the ray_eval/ script the arguments go to).
 #
 # In a heterogeneous job the first component's nodes host the sampler actors with their GPUs and the other
 # components' nodes the sandbox actors (custom resource "sandbox", EVAL_SANDBOX_PER_NODE units each). In a
@@ -83,6 +83,9 @@ if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ]; then
   export RAY_AUTH_TOKEN
 fi
 export RAY_USAGE_STATS_ENABLED=0
+# Workers at the normal priority (Ray's default niceness 15 starves them beside another job's busy processes
+# on a shared node; mathtir/eval/embedded_ray.py ray_env).
+export RAY_worker_niceness=0
 # No Prometheus exporter in the agents: it binds every interface and answers without the token.
 export RAY_enable_metrics_collection=0
 
@@ -144,3 +147,5 @@ for index in $(seq 1 $(( ${#NODES[@]} - 1 ))); do
 done
 wait_for_nodes "${#NODES[@]}"
 echo "$RAY_JOB_SCRIPT: all ${#NODES[@]} Ray node(s) joined; starting $RAY_JOB_DRIVER"
+
+step 0 "$PYTHON" "$RAY_JOB_DRIVER" "$@"

@@ -130,6 +130,11 @@ def test_embedded_job_listens_on_loopback_only_and_refuses_callers_without_the_t
     driver = embedded_driver(args, log)
     wait_for_records(out, 1, driver)
     root = psutil.Process(driver.pid)
+    # The job's actors run at the driver's priority, not at Ray's default niceness 15, where a busy neighbour on
+    # the machine starves them (embedded_ray.ray_env).
+    actors = [p for p in root.children(recursive=True) if p.name().startswith("ray::") and "Actor" in p.name()]
+    assert {p.name().split(".")[0] for p in actors} == {"ray::SamplerActor", "ray::SandboxActor"}, actors
+    assert {p.nice() for p in actors} == {root.nice()}
     sockets = listening_sockets(root)
     assert len(sockets) >= 6, sockets  # GCS, raylet (2), agents, workers: the job's cluster is running
     exposed = [(p.name(), ip, port) for p, ip, port in sockets if not is_loopback(ip)]

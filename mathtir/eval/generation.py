@@ -39,6 +39,7 @@ from mathtir.eval.job import (
     init_ray,
     model_tokenizer,
     prepare_manifest,
+    run_job,
     run_samples,
     start_samplers,
 )
@@ -49,7 +50,7 @@ from mathtir.eval.timeline import TimedExecutor, TimedSampler, WallClock
 from mathtir.eval.tir import TIRConfig
 from mathtir.files import atomic_target, atomic_write_json, atomic_write_text, file_sha256
 from mathtir.formats import OutputFormat, get_dialect, get_template
-from mathtir.readers import DataError, InvalidRecord, parse_json_object
+from mathtir.readers import InvalidRecord, parse_json_object
 
 log = logging.getLogger("mathtir.generate")
 
@@ -343,20 +344,15 @@ def render_report(summary: dict, *, args: argparse.Namespace, teacher: str, run_
               "Per problem (pass rate, kept, why the others were dropped): `problems/shard-*.jsonl`.", "",
               "Next, the solutions into stage-2 shards:", "", "```bash",
               f"mathtir data prepare nemo_configs/data_openmathreasoning.yaml "
-              f"'inputs=[{Path(args.output).resolve()}/solutions/*.jsonl]' fields.mode=inference_mode", "```", ""]
+              f"'inputs=[{Path(args.output).resolve()}/solutions/*.jsonl]' filters.modes='[tir]' "
+              "filters.require_code=true verify.enabled=true tokenizer=... output_dir=...", "```", ""]
     return "\n".join(lines)
 
 
 # -- the job -------------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None, prog: str = "mathtir generate") -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    args = build_parser(prog).parse_args(argv)
-    try:
-        return run(args)
-    except (DataError, RecordsError, JobError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_job(run, build_parser(prog), argv)
 
 
 def run(args: argparse.Namespace, *, start_sampling=None) -> int:

@@ -326,8 +326,15 @@ async def run_samples(todo: Iterable[tuple[Problem, int]], finished: Callable[[P
 
 
 def main(argv: list[str] | None = None, prog: str = "mathtir eval run") -> int:
+    return run_job(run, build_parser(prog), argv)
+
+
+def run_job(run: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
+            argv: list[str] | None) -> int:
+    """A sampling job from its command line: bad input (data, records, arguments) ends it with one `error:` line
+    and exit status 2, before any sampling."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    args = build_parser(prog).parse_args(argv)
+    args = parser.parse_args(argv)
     try:
         return run(args)
     except (DataError, RecordsError, JobError) as e:
