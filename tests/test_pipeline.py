@@ -74,7 +74,8 @@ def test_slurm_pipeline_runs_through_as_dependent_jobs(slurm_cluster, tiny_llama
         "TIR_DATA_OVERRIDES": "verify.workers=1", "DATA_PARTS": "1",
         "STAGE1_RECIPE": "nemo_configs/stage1_cot_smoke.yaml", "STAGE2_RECIPE": "nemo_configs/stage2_tir_smoke.yaml",
         "STAGE1_OVERRIDES": "data.seq_length=1024 trainer.max_steps=2",
-        "STAGE2_OVERRIDES": "data.seq_length=1024 trainer.max_steps=2",
+        # the teacher's 2 kept solutions pack into 1 sequence: 8 epochs make the 2 steps' global batches
+        "STAGE2_OVERRIDES": "data.seq_length=1024 trainer.max_steps=2 trainer.max_epochs=8",
         "EVAL_ARGS": "--samples 1 --max-tokens 48 --max-code-executions 1",
         "SBATCH_ARGS": cpu_job, "MATHTIR_NPROC_PER_NODE": "2",
     }

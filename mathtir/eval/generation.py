@@ -378,6 +378,7 @@ def run(args: argparse.Namespace, *, start_sampling=None) -> int:
         log.info("%d problems x %d samples in %d shard(s): %d already recorded, %d to generate", len(problems),
                  args.samples, len(generation.shards), resumed, todo_count)
         manifest["attempts"][-1].update(resumed_samples=resumed, torn_bytes=generation.torn_bytes)
+        atomic_write_json(output / MANIFEST_FILE, manifest)  # an attempt killed later still tells what it found
         sampler_stats = exec_stats = None
         if todo_count:
             config = TIRConfig(max_tokens=args.max_tokens, max_code_executions=args.max_code_executions,

@@ -378,6 +378,7 @@ def run(args: argparse.Namespace) -> int:
                  resumed, len(todo), f" ({store.torn_bytes} bytes of a torn last line cut)" if store.torn_bytes
                  else "")
         manifest["attempts"][-1].update(resumed_samples=resumed, torn_bytes=store.torn_bytes)
+        atomic_write_json(output / MANIFEST_FILE, manifest)  # an attempt killed later still tells what it found
         sampler_stats = exec_stats = None
         if todo:
             tokenizer = model_tokenizer(args)
