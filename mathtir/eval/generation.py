@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -160,7 +162,7 @@ def pass_rate_bucket(selection: ProblemSelection) -> str:
         return PASS_RATE_BUCKETS[0]
     if rate == 1:
         return PASS_RATE_BUCKETS[-1]
-    return PASS_RATE_BUCKETS[min(4, 1 + int((rate - 1e-12) * 4))]
+    return PASS_RATE_BUCKETS[math.ceil(rate * 4)]  # (0, 1/4] -> 1 ... (3/4, 1) -> 4
 
 
 class Generation:
@@ -251,13 +253,11 @@ class Generation:
                                   "dropped": dict(sorted(reasons.items()))})
             solutions += [self.solution_row(problem, selection, r) for r in selection.kept]
         # No part file for a shard that kept nothing: readers rightly refuse an empty input file.
-        solutions_path = self.output / shard_name("solutions", j)
-        if solutions:
-            write_jsonl(solutions_path, solutions)
+        solutions_sha256 = write_jsonl(self.output / shard_name("solutions", j), solutions) if solutions else None
         write_jsonl(self.output / shard_name("problems", j), problem_lines)
         entry.update(dropped=dict(entry["dropped"]), pass_rate_histogram=dict(entry["pass_rate_histogram"]),
                      categories={k: dict(v) for k, v in entry["categories"].items()},
-                     solutions_sha256=file_sha256(solutions_path) if solutions else None)
+                     solutions_sha256=solutions_sha256)
         store.close()
         self.index.add(entry)  # last: a kill before this line reseals the shard on resume
         del self.open[j]
@@ -281,11 +281,14 @@ class Generation:
         self.index.close()
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    with atomic_target(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    """Writes the rows whole (atomic, fsync'd); the sha256 of what was written, hashed without reading it back."""
+    data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode()
+    with atomic_target(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    return hashlib.sha256(data).hexdigest()
 
 
 # -- the report ----------------------------------------------------------------------------------------------
