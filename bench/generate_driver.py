@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import shutil
 import subprocess
@@ -32,6 +31,14 @@ def child(data: str, output: str, shard_problems: int) -> None:
     sys.path.insert(0, str(REPO))
     from mathtir.eval import generation
     from mathtir.eval.samplers import Generation
+    from mathtir.formats import get_template
+    from mathtir.sandbox import ExecResult
+
+    # The stand-ins look their answers up instead of parsing: their own cost is not the driver's.
+    problems = [json.loads(line) for line in open(data)]
+    prompt_start = len(get_template("llmjp").prefix)  # the template the job below is given
+    sums = {p["problem"]: int(p["expected_answer"]) for p in problems}
+    code_sums = {f"print({p['problem'][8:-1]})": p["expected_answer"] for p in problems}
 
     class InstantSampler:
         """Writes one code block, then answers: correctly for 5 of 8 sample seeds, so every drop path runs."""
@@ -40,11 +47,11 @@ def child(data: str, output: str, shard_problems: int) -> None:
         chat = False
 
         async def generate(self, request):
-            a, b = (int(x) for x in request.prompt_text.split("What is ")[1].split("?")[0].split(" + "))
+            problem = request.prompt_text[prompt_start:request.prompt_text.index("\n", prompt_start)]
             if request.stop:
-                text = f"Let me add them.\n```python\nprint({a} + {b})\n```\n"
+                text = f"Let me add them.\n```python\nprint({problem[8:-1]})\n```\n"
                 return Generation([], text, len(text) // 4, "stop")
-            answer = a + b if request.seed % 8 < 5 else a + b + 1
+            answer = sums[problem] + (request.seed % 8 >= 5)
             text = f"The sum is \\boxed{{{answer}}}."
             return Generation([], text, len(text) // 4, "eos")
 
@@ -53,10 +60,7 @@ def child(data: str, output: str, shard_problems: int) -> None:
 
     class InstantExecutor:
         async def run(self, code, history):
-            from mathtir.sandbox import ExecResult
-
-            a, b = (int(n) for n in re.findall(r"\d+", code))
-            return ExecResult(status="ok", stdout=f"{a + b}\n")
+            return ExecResult(status="ok", stdout=f"{code_sums[code]}\n")
 
         def stats(self):
             return {}

@@ -129,11 +129,11 @@ def extract_answer(text: str, *, ignore_spans: Sequence[tuple[int, int]] = ()) -
 
 def _blank_spans(text: str, spans: Sequence[tuple[int, int]]) -> str:
     """`text` with each span replaced by spaces (offsets unchanged)."""
-    chars = list(text)
     for start, end in spans:
         start, end = max(0, start), min(len(text), end)
-        chars[start:end] = " " * max(0, end - start)
-    return "".join(chars)
+        if end > start:
+            text = f"{text[:start]}{' ' * (end - start)}{text[end:]}"
+    return text
 
 
 def _complete_boxes(text: str) -> list[tuple[int, int, str]]:

@@ -24,7 +24,8 @@ from __future__ import annotations
 import re
 import signal as _signal
 from dataclasses import dataclass
-from typing import Any, Literal
+from functools import cache
+from typing import Any, Literal, NamedTuple
 
 # The competition model's system line (the TIR model card's usage example).
 TIR_SYSTEM_PROMPT = "あなたは「自然言語の推論」と「Pythonコードの実行」を組み合わせて数学問題を解くアシスタントです。"
@@ -230,11 +231,11 @@ def get_dialect(name: str | Dialect) -> Dialect:
         raise ValueError(f"unknown TIR dialect {name!r}; choose one of {', '.join(DIALECT_NAMES)}") from None
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):
     """A piece of a response. For code/output, `text` is the block's content without its markers, and
     `start`/`end` span the whole block including the markers. `closed` is False for a block cut off by the
-    end of the response."""
+    end of the response. (A named tuple: the TIR loop parses every round of every sample, and a frozen
+    dataclass costs several times as much to build.)"""
 
     kind: Literal["text", "code", "output"]
     text: str
@@ -252,11 +253,17 @@ def _block_body(raw: str) -> str:
     return raw
 
 
+@cache
+def _block_patterns(d: Dialect) -> tuple[re.Pattern, dict[str, re.Pattern]]:
+    # Compiled once per dialect, not looked up in re's cache on every call: the TIR loop parses every round
+    # of every sample.
+    opener = re.compile(f"(?P<code>{d.code_open_pattern})|(?P<output>{d.output_open_pattern})")
+    return opener, {"code": re.compile(d.code_close_pattern), "output": re.compile(d.output_close_pattern)}
+
+
 def parse_response(response: str, dialect: str | Dialect) -> list[Segment]:
     """Split a response into text, code and output segments that tile it exactly (in order, no gaps)."""
-    d = get_dialect(dialect)
-    opener = re.compile(f"(?P<code>{d.code_open_pattern})|(?P<output>{d.output_open_pattern})")
-    closers = {"code": re.compile(d.code_close_pattern), "output": re.compile(d.output_close_pattern)}
+    opener, closers = _block_patterns(get_dialect(dialect))
     segments: list[Segment] = []
     pos = 0
     while pos < len(response):

@@ -15,7 +15,6 @@ report) the parts add up to the wall time exactly.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 
 PHASES = ("setup", "generation", "execution", "queueing", "finishing")
 
@@ -44,24 +43,20 @@ class WallClock:
         self._advance()
         self._sampling_ended = self._last
 
-    @contextmanager
-    def generating(self):
+    # begin/end pairs, not context managers: they wrap every request of every sample, and a generator-based
+    # context manager costs more than the bookkeeping itself.
+    def begin(self, part: str) -> None:
         self._advance()
-        self._generating += 1
-        try:
-            yield
-        finally:
-            self._advance()
-            self._generating -= 1
+        if part == "generation":
+            self._generating += 1
+        else:
+            self._executing += 1
 
-    @contextmanager
-    def executing(self):
+    def end(self, part: str) -> None:
         self._advance()
-        self._executing += 1
-        try:
-            yield
-        finally:
-            self._advance()
+        if part == "generation":
+            self._generating -= 1
+        else:
             self._executing -= 1
 
     def breakdown(self) -> dict:
@@ -85,8 +80,11 @@ class TimedSampler:
         self.chat = getattr(sampler, "chat", False)
 
     async def generate(self, request):
-        with self.clock.generating():
+        self.clock.begin("generation")
+        try:
             return await self.sampler.generate(request)
+        finally:
+            self.clock.end("generation")
 
     def stats(self) -> dict:
         return self.sampler.stats()
@@ -100,8 +98,11 @@ class TimedExecutor:
         self.clock = clock
 
     async def run(self, code: str, history: list[str]):
-        with self.clock.executing():
+        self.clock.begin("execution")
+        try:
             return await self.executor.run(code, history)
+        finally:
+            self.clock.end("execution")
 
     def stats(self) -> dict:
         return self.executor.stats()
