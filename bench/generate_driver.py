@@ -34,11 +34,7 @@ def child(data: str, output: str, shard_problems: int) -> None:
     from mathtir.formats import get_template
     from mathtir.sandbox import ExecResult
 
-    # The stand-ins look their answers up instead of parsing: their own cost is not the driver's.
-    problems = [json.loads(line) for line in open(data)]
     prompt_start = len(get_template("llmjp").prefix)  # the template the job below is given
-    sums = {p["problem"]: int(p["expected_answer"]) for p in problems}
-    code_sums = {f"print({p['problem'][8:-1]})": p["expected_answer"] for p in problems}
 
     class InstantSampler:
         """Writes one code block, then answers: correctly for 5 of 8 sample seeds, so every drop path runs."""
@@ -47,11 +43,13 @@ def child(data: str, output: str, shard_problems: int) -> None:
         chat = False
 
         async def generate(self, request):
-            problem = request.prompt_text[prompt_start:request.prompt_text.index("\n", prompt_start)]
+            # "What is A + B?": the problem starts the prompt after the template's prefix
+            problem = request.prompt_text[prompt_start:request.prompt_text.index("?", prompt_start)]
             if request.stop:
-                text = f"Let me add them.\n```python\nprint({problem[8:-1]})\n```\n"
+                text = f"Let me add them.\n```python\nprint({problem[8:]})\n```\n"
                 return Generation([], text, len(text) // 4, "stop")
-            answer = sums[problem] + (request.seed % 8 >= 5)
+            a, _, b = problem[8:].partition(" + ")
+            answer = int(a) + int(b) + (request.seed % 8 >= 5)
             text = f"The sum is \\boxed{{{answer}}}."
             return Generation([], text, len(text) // 4, "eos")
 
@@ -59,8 +57,8 @@ def child(data: str, output: str, shard_problems: int) -> None:
             return {}
 
     class InstantExecutor:
-        async def run(self, code, history):
-            return ExecResult(status="ok", stdout=f"{code_sums[code]}\n")
+        async def run(self, code, history):  # what the code prints does not decide the verdict: the box does
+            return ExecResult(status="ok", stdout="the sum\n")
 
         def stats(self):
             return {}
