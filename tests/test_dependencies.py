@@ -22,6 +22,7 @@ USED_WITHOUT_IMPORT = {
     "ruff": "a tool: the test command runs it",
     "import-linter": "a tool: the test command runs lint-imports",
     "pytest-timeout": "a pytest plugin (the timeout setting in pyproject.toml)",
+    "pytest-xdist": "a pytest plugin (quickstart's test command runs the suite with -n 2)",
     "fastapi": "`transformers serve`, the real OpenAI-compatible server the backend tests start, needs it",
     "uvicorn": "`transformers serve` runs on it",
     "openai": "`transformers serve` imports its request types",

@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 from cluster.ray_head import RayHead
+from conftest import cache_lock
 
 from mathtir.eval.problems import Problem
 from mathtir.eval.samplers import GenerationRequest
@@ -45,8 +46,13 @@ def memorized_response(code: str, output: str, eos: str) -> str:
 def tir_tiny_dir(model_cache_dir, tiny_llama_dir) -> Path:
     """tiny_llama_dir trained to reproduce MEMORIZED under the chat template (cached per machine)."""
     out = model_cache_dir / TIR_TINY_VERSION
-    if (out / "config.json").exists():
-        return out
+    with cache_lock(model_cache_dir, TIR_TINY_VERSION):
+        if not (out / "config.json").exists():
+            _train_tir_tiny(tiny_llama_dir, out)
+    return out
+
+
+def _train_tir_tiny(tiny_llama_dir: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -78,7 +84,6 @@ def tir_tiny_dir(model_cache_dir, tiny_llama_dir) -> Path:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, out)
-    return out
 
 
 @pytest.fixture(scope="module")

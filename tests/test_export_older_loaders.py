@@ -6,7 +6,6 @@ Before the export carried the 4.x config fields, 4.57 read SmolLM2's rope base 1
 
 from __future__ import annotations
 
-import fcntl
 import json
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cache_lock
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -49,8 +49,7 @@ def old_loader_python(model_cache_dir: Path) -> Path:
     venv = model_cache_dir / "venv-transformers-4.57"
     python = venv / "bin" / "python"
     stamp = venv / ".installed"
-    with open(model_cache_dir / "venv-transformers-4.57.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel sessions share the cache: one builds, the others wait
+    with cache_lock(model_cache_dir, "venv-transformers-4.57"):
         if stamp.is_file() and stamp.read_text() == " ".join(OLD_LOADER):
             return python
         subprocess.run([sys._base_executable, "-m", "venv", "--clear", str(venv)], check=True)
