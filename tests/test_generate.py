@@ -246,3 +246,26 @@ def test_bad_input_is_refused_before_any_sampling(tir_tiny_dir, tmp_path):  # no
                            "--min-pass-rate", "0.8", "--max-pass-rate", "0.5"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--min-pass-rate" in proc.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    ({"shard": "0"}, "field 'shard': must be int, got str"),  # would seal shard "0", and shard 0 be generated again
+    ({"kept": True}, "field 'kept': must be int, got bool"),
+    ({"solutions_sha256": 7}, "field 'solutions_sha256': must be str or null, got int"),
+    ({"dropped": None}, "field 'dropped': must be dict, got NoneType"),
+])
+def test_a_damaged_index_line_is_refused_naming_file_line_and_field(tmp_path, damage, message):
+    from mathtir.eval.generation import ShardIndex
+    from mathtir.eval.records import RecordsError
+
+    good = {"shard": 0, "problems": 1, "samples": 2, "correct": 1, "kept": 1, "dropped": {}, "categories": {},
+            "pass_rate_histogram": {}, "generated_tokens": 10, "solutions_sha256": None}
+    path = tmp_path / "index.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "shard": 1, **damage}) + "\n")
+    with pytest.raises(RecordsError, match=f"^{path}:2: {message}"):
+        ShardIndex(path)
+    path.write_text(json.dumps({k: v for k, v in good.items() if k != "correct"}) + "\n")
+    with pytest.raises(RecordsError, match=f"^{path}:1: index line lacks field\\(s\\) correct"):
+        ShardIndex(path)
+    path.write_text(json.dumps(good) + "\n")
+    assert set(ShardIndex(path).entries) == {0}

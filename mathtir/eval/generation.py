@@ -46,7 +46,7 @@ from mathtir.eval.job import (
     start_samplers,
 )
 from mathtir.eval.problems import FieldNames, Problem, load_problems
-from mathtir.eval.records import RecordsError, RecordStore, SampleRecord, complete_lines
+from mathtir.eval.records import RecordsError, RecordStore, SampleRecord, complete_lines, field_type_error
 from mathtir.eval.rejection import DROP_REASONS, KeepRules, ProblemSelection, select
 from mathtir.eval.timeline import TimedExecutor, TimedSampler, WallClock
 from mathtir.eval.tir import TIRConfig
@@ -119,9 +119,9 @@ class ShardIndex:
     """index.jsonl: one line per sealed shard, appended and fsync'd after the shard's files are in place, so a
     shard is either sealed with all its files or resealed on resume (its files rewritten whole)."""
 
-    REQUIRED = {"shard": int, "problems": int, "samples": int, "correct": int, "kept": int, "dropped": dict,
-                "categories": dict, "pass_rate_histogram": dict, "generated_tokens": int,
-                "solutions_sha256": (str, type(None))}
+    REQUIRED = {"shard": (int,), "problems": (int,), "samples": (int,), "correct": (int,), "kept": (int,),
+                "dropped": (dict,), "categories": (dict,), "pass_rate_histogram": (dict,),
+                "generated_tokens": (int,), "solutions_sha256": (str, type(None))}
 
     def __init__(self, path: Path):
         self.path = path
@@ -134,9 +134,13 @@ class ShardIndex:
                 entry = parse_json_object(line, where)
                 if isinstance(entry, InvalidRecord):
                     raise RecordsError(f"{where}: unreadable index line ({entry.reason})")
-                for key, kind in self.REQUIRED.items():
-                    if key not in entry or not isinstance(entry[key], kind) or isinstance(entry[key], bool):
-                        raise RecordsError(f"{where}: field '{key}' missing or not of type {kind}")
+                missing = [key for key in self.REQUIRED if key not in entry]
+                if missing:
+                    raise RecordsError(f"{where}: index line lacks field(s) {', '.join(missing)}")
+                wrong = next(filter(None, (field_type_error(key, entry[key], kinds)
+                                           for key, kinds in self.REQUIRED.items())), None)
+                if wrong:
+                    raise RecordsError(f"{where}: {wrong}")
                 if entry["shard"] in self.entries:
                     raise RecordsError(f"{where}: shard {entry['shard']} sealed twice")
                 self.entries[entry["shard"]] = entry

@@ -58,8 +58,8 @@ _JSON_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (boo
 _TYPES = {f.name: _JSON_TYPES[f.type] for f in dataclasses.fields(SampleRecord)}
 
 
-def _wrong_type(name: str, value) -> str | None:
-    kinds = _TYPES[name]
+def field_type_error(name: str, value, kinds: tuple[type, ...]) -> str | None:
+    """Why a JSON field's value is not one of `kinds` (a bool is not an int here), or None."""
     if isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds):
         return None
     wanted = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
@@ -114,7 +114,7 @@ class RecordStore:
             if missing:
                 raise RecordsError(f"{where}: record lacks field(s) {', '.join(sorted(missing))}")
             # A wrong type would load under another key (sample "3" is not sample 3) and be generated again.
-            wrong = next(filter(None, (_wrong_type(k, raw[k]) for k in _FIELDS if k in raw)), None)
+            wrong = next(filter(None, (field_type_error(k, raw[k], _TYPES[k]) for k in _FIELDS if k in raw)), None)
             if wrong:
                 raise RecordsError(f"{where}: {wrong}")
             if "answer_source" not in raw:
