@@ -26,12 +26,12 @@ class WallClock:
         self._sampling_started: float | None = None
         self._sampling_ended: float | None = None
         self._last = self.started
-        self._generating = 0
-        self._executing = 0
+        self._in_progress = {"generation": 0, "execution": 0}  # requests out, per part
 
     def _advance(self) -> None:
         now = time.perf_counter()
-        part = "generation" if self._generating else "execution" if self._executing else "queueing"
+        busy = self._in_progress
+        part = "generation" if busy["generation"] else "execution" if busy["execution"] else "queueing"
         self.parts[part] += now - self._last
         self._last = now
 
@@ -47,17 +47,11 @@ class WallClock:
     # context manager costs more than the bookkeeping itself.
     def begin(self, part: str) -> None:
         self._advance()
-        if part == "generation":
-            self._generating += 1
-        else:
-            self._executing += 1
+        self._in_progress[part] += 1
 
     def end(self, part: str) -> None:
         self._advance()
-        if part == "generation":
-            self._generating -= 1
-        else:
-            self._executing -= 1
+        self._in_progress[part] -= 1
 
     def breakdown(self) -> dict:
         """Seconds per part (setup .. finishing, summing to wall_s) and wall_s, as of now."""
