@@ -368,3 +368,70 @@ def test_an_answer_printed_by_code_is_not_the_models_answer(fallback, answer, so
             config=TIRConfig(answer_fallback=fallback)))
     assert "```output\n\\boxed{7}\n```" in record.text  # the code really printed the box
     assert (record.answer, record.answer_source, record.correct) == (answer, source, False)
+
+
+class GatedSampler:
+    """A text sampler whose answers wait for the test to release them: it sees how many trajectories are out
+    at once, and the sample whose problem id is `failing` raises."""
+
+    uses_token_ids = False
+
+    def __init__(self, failing: str | None = None):
+        self.out = self.peak = 0
+        self.failing = failing
+
+    async def generate(self, request):
+        import asyncio
+
+        from mathtir.eval.samplers import Generation
+
+        self.out += 1
+        self.peak = max(self.peak, self.out)
+        await asyncio.sleep(0.001)
+        self.out -= 1
+        if self.failing and self.failing in request.prompt_text:
+            raise RuntimeError(f"sampler failed on {self.failing}")
+        return Generation(token_ids=[], text="\\boxed{1}", num_tokens=3, finish_reason="eos")
+
+
+def run_window(sampler, problems: int, samples: int, max_in_flight: int):
+    """run_samples over problems x samples: (finished keys, how many samples were drawn, the error raised)."""
+    import asyncio
+
+    from mathtir.eval.job import run_samples
+    from mathtir.eval.problems import Problem
+    from mathtir.eval.tir import TIRConfig
+    from mathtir.formats import OutputFormat, get_dialect, get_template
+
+    drawn, finished = [], []
+
+    def todo():
+        for i in range(problems):
+            for s in range(samples):
+                drawn.append((f"q{i}", s))
+                yield Problem(f"q{i}", f"problem q{i}:", "1", None), s
+
+    try:
+        asyncio.run(run_samples(todo(), lambda problem, record: finished.append(record.key), sampler=sampler,
+                                executor=None, tokenizer=None, template=get_template("llmjp"),
+                                dialect=get_dialect("tir"), output_format=OutputFormat(), config=TIRConfig(),
+                                attempt=1, max_in_flight=max_in_flight))
+    except RuntimeError as e:
+        return finished, len(drawn), e
+    return finished, len(drawn), None
+
+
+def test_run_samples_holds_the_window_and_records_each_sample_once():
+    sampler = GatedSampler()
+    finished, drawn, error = run_window(sampler, problems=30, samples=4, max_in_flight=16)
+    assert error is None and drawn == 120
+    assert sorted(finished) == sorted((f"q{i}", s) for i in range(30) for s in range(4))
+    assert sampler.peak == 16  # the window is full, never more
+
+
+def test_run_samples_stops_drawing_at_the_first_error_and_raises_it():
+    finished, drawn, error = run_window(GatedSampler(failing="q3:"), problems=30, samples=4, max_in_flight=4)
+    assert str(error) == "sampler failed on q3:"
+    # q3's first sample is the 13th drawn; the window's other samples may finish and draw once or twice more
+    # before the error is seen, but not the remaining 100-odd
+    assert 13 <= drawn <= 12 + 2 * 4 and len(finished) < drawn

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -302,26 +301,22 @@ async def run_samples(todo: Iterable[tuple[Problem, int]], finished: Callable[[P
     """Runs every (problem, sample index) of `todo` with at most `max_in_flight` trajectories at once, calling
     `finished` with each record as soon as it is done. `todo` is drawn only as slots free up, so a run of
     millions of samples holds a window of them, never the whole list, and the first error stops the rest."""
-    running: set[asyncio.Task] = set()
     pending = iter(todo)
 
-    async def one(problem: Problem, index: int) -> None:
-        record = await run_sample(problem, index, sampler=sampler, executor=executor, tokenizer=tokenizer,
-                                  template=template, dialect=dialect, output_format=output_format, config=config,
-                                  attempt=attempt)
-        finished(problem, record)
+    async def worker() -> None:
+        # One of max_in_flight workers, each drawing its next sample as it finishes one: a task per worker, not
+        # per sample, and no waiting set to scan when one finishes.
+        for problem, index in pending:
+            record = await run_sample(problem, index, sampler=sampler, executor=executor, tokenizer=tokenizer,
+                                      template=template, dialect=dialect, output_format=output_format,
+                                      config=config, attempt=attempt)
+            finished(problem, record)
 
+    workers = [asyncio.ensure_future(worker()) for _ in range(max_in_flight)]
     try:
-        while True:
-            for problem, index in itertools.islice(pending, max_in_flight - len(running)):
-                running.add(asyncio.ensure_future(one(problem, index)))
-            if not running:
-                return
-            done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()  # raises the sample's error
+        await asyncio.gather(*workers)  # raises the first sample's error
     finally:
-        for task in running:
+        for task in workers:
             task.cancel()
 
 
