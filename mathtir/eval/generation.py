@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import json
 import logging
 import math
 import os
@@ -46,7 +45,14 @@ from mathtir.eval.job import (
     start_samplers,
 )
 from mathtir.eval.problems import FieldNames, Problem, load_problems
-from mathtir.eval.records import RecordsError, RecordStore, SampleRecord, complete_lines, field_type_error
+from mathtir.eval.records import (
+    RecordsError,
+    RecordStore,
+    SampleRecord,
+    complete_lines,
+    encode_json,
+    field_type_error,
+)
 from mathtir.eval.rejection import DROP_REASONS, KeepRules, ProblemSelection, select
 from mathtir.eval.timeline import TimedExecutor, TimedSampler, WallClock
 from mathtir.eval.tir import TIRConfig
@@ -147,7 +153,7 @@ class ShardIndex:
         self._file = open(path, "ab")
 
     def add(self, entry: dict) -> None:
-        self._file.write((json.dumps(entry, ensure_ascii=False) + "\n").encode())
+        self._file.write((encode_json(entry) + "\n").encode())
         self._file.flush()
         os.fsync(self._file.fileno())
         self.entries[entry["shard"]] = entry
@@ -287,7 +293,7 @@ class Generation:
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:
     """Writes the rows whole (atomic, fsync'd); the sha256 of what was written, hashed without reading it back."""
-    data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode()
+    data = "".join(encode_json(row) + "\n" for row in rows).encode()
     with atomic_target(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
         f.flush()
