@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 import signal as _signal
 from dataclasses import dataclass
-from functools import cache
+from functools import cached_property
 from typing import Any, Literal, NamedTuple
 
 # The competition model's system line (the TIR model card's usage example).
@@ -183,6 +183,14 @@ class Dialect:
         """An output block in this dialect's exact layout (body without its trailing newlines)."""
         return f"{self.output_open}{body.rstrip(chr(10))}{self.output_close}"
 
+    @cached_property
+    def block_patterns(self) -> tuple[re.Pattern, dict[str, re.Pattern]]:
+        """The opening of a code or output block, and each kind's closing. Compiled once per dialect and kept
+        on it (neither re's cache nor a cache keyed by the dialect's hash is looked up): the TIR loop parses
+        every round of every sample."""
+        opener = re.compile(f"(?P<code>{self.code_open_pattern})|(?P<output>{self.output_open_pattern})")
+        return opener, {"code": re.compile(self.code_close_pattern), "output": re.compile(self.output_close_pattern)}
+
 
 # A closing fence is ``` at the start of a line, alone on it: "```output" or "```python" never close a block.
 _FENCE_CLOSE = r"(?:(?<=\n)|^)```[ \t]*(?:\n|\Z)"
@@ -253,17 +261,9 @@ def _block_body(raw: str) -> str:
     return raw
 
 
-@cache
-def _block_patterns(d: Dialect) -> tuple[re.Pattern, dict[str, re.Pattern]]:
-    # Compiled once per dialect, not looked up in re's cache on every call: the TIR loop parses every round
-    # of every sample.
-    opener = re.compile(f"(?P<code>{d.code_open_pattern})|(?P<output>{d.output_open_pattern})")
-    return opener, {"code": re.compile(d.code_close_pattern), "output": re.compile(d.output_close_pattern)}
-
-
 def parse_response(response: str, dialect: str | Dialect) -> list[Segment]:
     """Split a response into text, code and output segments that tile it exactly (in order, no gaps)."""
-    opener, closers = _block_patterns(get_dialect(dialect))
+    opener, closers = get_dialect(dialect).block_patterns
     segments: list[Segment] = []
     pos = 0
     while pos < len(response):
