@@ -997,6 +997,8 @@ def is_equivalent(pred: str, gold: str, *, timeout: float = DEFAULT_TIMEOUT_S) -
     try:
         if not isinstance(pred, str) or not isinstance(gold, str):
             return False
+        if pred == gold:  # the common verdict, decided before normalizing both sides
+            return True
         return _equivalent_normalized(normalize_answer(pred), normalize_answer(gold), timeout)
     except Exception:
         return False
