@@ -82,9 +82,13 @@ def select(problem_id: str, records: list[SampleRecord], rules: KeepRules) -> Pr
     rate = selection.pass_rate
     difficulty = "too_hard" if rate < rules.min_pass_rate else "too_easy" if rate > rules.max_pass_rate else None
     kept_shingles: list[set[str]] = []
+    kept_texts: set[str] = set()
     for record in candidates:
         if difficulty:
             selection.dropped[record.sample_index] = difficulty
+            continue
+        if record.text in kept_texts:  # similarity 1: a teacher often writes the very same solution again
+            selection.dropped[record.sample_index] = "duplicate"
             continue
         shingles = char_shingles(record.text, rules.shingle)
         if any(jaccard(shingles, other) >= rules.near_duplicate for other in kept_shingles):
@@ -94,4 +98,5 @@ def select(problem_id: str, records: list[SampleRecord], rules: KeepRules) -> Pr
         else:
             selection.kept.append(record)
             kept_shingles.append(shingles)
+            kept_texts.add(record.text)
     return selection
