@@ -12,9 +12,10 @@
 # binds to that node's internal address (or EVAL_DASHBOARD_HOST, e.g. 127.0.0.1), never 0.0.0.0. Token authentication is on by default
 # with a fresh token for this job, shared with every Ray process of the job through the environment.
 # Every other port a Ray process of the job opens (GCS, Ray Client, node and object managers, dashboard
-# agent, runtime env agent, workers) is fixed per job and checks the token; the agents and the Ray Client
-# bind the node's internal address (its Slurm NodeAddr), while Ray 2.60's core gRPC servers (GCS, raylet,
-# workers) bind every interface of a node whose address is not loopback, with no option to narrow them.
+# agent, runtime env agent, workers) is fixed per job and checks the token; the agents' HTTP ports and the Ray
+# Client bind the node's internal address (its Slurm NodeAddr), while Ray 2.60's core gRPC servers (GCS,
+# raylet, workers) and the dashboard agent's gRPC port bind every interface of a node whose address is not
+# loopback, with no option to narrow them.
 # The servers that would answer without the token are not started: the agents' Prometheus exporter
 # (RAY_enable_metrics_collection=0) and the autoscaler monitor with its metrics port (--no-monitor; an
 # allocation's nodes are fixed). Left, because Ray 2.60 has no switch for it: the dashboard head's own

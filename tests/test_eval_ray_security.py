@@ -1,11 +1,15 @@
-"""The embedded Ray of `mathtir eval run` as an attacker on the same machine or network meets it: every
-listening socket of a running job is on loopback, each one refuses a caller without the job's token, and a
-driver killed with SIGKILL leaves no Ray process behind once the next driver of its output has run."""
+"""The Ray clusters of an evaluation as an attacker on the same machine or network meets them. The embedded Ray
+of `mathtir eval run`: every listening socket of a running job is on loopback, each one refuses a caller
+without the job's token, and a driver killed with SIGKILL leaves no Ray process behind once the next driver
+of its output has run. `slurm/eval.sh` on a node whose address is one of this machine's real interfaces:
+every socket of the job is on that address or loopback except what Ray cannot narrow, and each refuses a
+caller without the token."""
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +20,7 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
+from cluster.slurm import LocalSlurmCluster
 from test_eval_job import REPO, job_args, tir_tiny_dir, wait_for_records, write_data  # noqa: F401
 
 from mathtir.eval.embedded_ray import ray_env
@@ -31,6 +36,7 @@ GRPC_METHODS = (
     "/ray.rpc.ObjectManagerService/Pull",
     "/ray.rpc.CoreWorkerService/NumPendingTasks",
     "/ray.rpc.ReporterService/GetTraceback",
+    "/ray.rpc.RayletDriver/ClusterInfo",  # the Ray Client server of a head started with a client port
 )
 # Ray 2.60 has no switch for two Prometheus exporters of a head node: the autoscaler monitor's and the
 # dashboard head's. They serve read-only metrics text on loopback here (README: security notes).
@@ -79,14 +85,18 @@ def listening_sockets(root: psutil.Process) -> list[tuple[psutil.Process, str, i
     return found
 
 
-def is_loopback(ip: str) -> bool:
+def plain_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address, an IPv4-mapped IPv6 one (::ffff:127.0.0.1, as dual-stack sockets show) as IPv4."""
     address = ipaddress.ip_address(ip)
-    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
-    return (mapped or address).is_loopback
+    return getattr(address, "ipv4_mapped", None) or address
 
 
-def grpc_answer(port: int, method: str, token: str | None = None) -> grpc.StatusCode:
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+def is_loopback(ip: str) -> bool:
+    return plain_ip(ip).is_loopback
+
+
+def grpc_answer(port: int, method: str, token: str | None = None, host: str = "127.0.0.1") -> grpc.StatusCode:
+    channel = grpc.insecure_channel(f"{host}:{port}")
     call = channel.unary_unary(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
     try:
         call(b"", timeout=5, metadata=[("authorization", f"Bearer {token}")] if token else None)
@@ -97,10 +107,10 @@ def grpc_answer(port: int, method: str, token: str | None = None) -> grpc.Status
         channel.close()
 
 
-def http_answer(port: int) -> tuple[int, bytes] | None:
-    """(status, first bytes) of a plain GET / without a token; None where the port does not speak HTTP/1."""
+def http_answer(port: int, host: str = "127.0.0.1", path: str = "/") -> tuple[int, bytes] | None:
+    """(status, first bytes) of a plain GET without a token; None where the port does not speak HTTP/1."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
+        with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=5) as resp:
             return resp.status, resp.read(200)
     except urllib.error.HTTPError as e:
         return e.code, b""
@@ -108,6 +118,34 @@ def http_answer(port: int) -> tuple[int, bytes] | None:
         return None
     except Exception:  # http.client.BadStatusLine and kin: a gRPC (HTTP/2) port
         return None
+
+
+def answers_without_token(sockets, host: str = "127.0.0.1") -> tuple[list, list]:
+    """Each socket called at `host` without a token: (those that served the caller, those that served one of
+    the READ_ONLY_METRICS pages). An HTTP port must refuse (401/403) its root, or its Jobs API where the root is
+    the dashboard's public page (index.html, as Ray's token middleware intends, like its health checks); a gRPC
+    port must answer UNAUTHENTICATED to a method of its service and never OK."""
+    unauthenticated, read_only = [], []
+    for proc, _, port in sockets:
+        http = http_answer(port, host)
+        if http is not None:
+            status, body = http
+            if status in (401, 403):
+                continue
+            kind = next((k for k, prefix in READ_ONLY_METRICS.items() if body.startswith(b"# HELP " + prefix.encode())),
+                        None)
+            if kind and status == 200:
+                read_only.append((proc.name(), port, status, kind))
+            elif body.lstrip().lower().startswith(b"<!doctype html") and \
+                    (jobs := http_answer(port, host, "/api/jobs/")) and jobs[0] in (401, 403):
+                continue
+            else:
+                unauthenticated.append((proc.name(), port, status, kind))
+            continue
+        answers = {method: grpc_answer(port, method, host=host) for method in GRPC_METHODS}
+        if grpc.StatusCode.UNAUTHENTICATED not in answers.values() or grpc.StatusCode.OK in answers.values():
+            unauthenticated.append((proc.name(), port, {m.rsplit("/", 1)[1]: a.name for m, a in answers.items()}))
+    return unauthenticated, read_only
 
 
 def run_token(root: psutil.Process) -> str:
@@ -141,20 +179,7 @@ def test_embedded_job_listens_on_loopback_only_and_refuses_callers_without_the_t
     assert not exposed, f"non-loopback listening sockets: {exposed}"
 
     token = run_token(root)
-    unauthenticated, read_only = [], []
-    for proc, _, port in sockets:
-        http = http_answer(port)
-        if http is not None:
-            status, body = http
-            if status in (401, 403):
-                continue
-            kind = next((k for k, prefix in READ_ONLY_METRICS.items() if body.startswith(b"# HELP " + prefix.encode())),
-                        None)
-            (read_only if kind and status == 200 else unauthenticated).append((proc.name(), port, status, kind))
-            continue
-        answers = {method: grpc_answer(port, method) for method in GRPC_METHODS}
-        if grpc.StatusCode.UNAUTHENTICATED not in answers.values() or grpc.StatusCode.OK in answers.values():
-            unauthenticated.append((proc.name(), port, {m.rsplit("/", 1)[1]: a.name for m, a in answers.items()}))
+    unauthenticated, read_only = answers_without_token(sockets)
     assert not unauthenticated, f"listening sockets that serve a caller without the token: {unauthenticated}"
     assert len(read_only) <= len(READ_ONLY_METRICS), read_only
     # The refusals are the token's doing: the GCS answers the same call when it carries the token.
@@ -200,3 +225,112 @@ def alive(procs: list[psutil.Process]) -> list[tuple[int, str]]:
         except psutil.Error:
             pass
     return left
+
+
+def internal_address() -> str | None:
+    """An IPv4 address of one of this machine's own non-loopback interfaces: the 'cluster network' of the
+    Slurm-style test (a real interface, so that a wildcard bind is really reachable from outside)."""
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not ipaddress.ip_address(address.address).is_loopback:
+                return address.address
+    return None
+
+
+def binds_every_interface_in_ray(proc: psutil.Process) -> bool:
+    """Whether the process is one whose gRPC server slurm/ray_cluster.sh documents as beyond its reach: Ray 2.60
+    binds the GCS, the raylet, the dashboard agent's gRPC port and the core workers (the actors' and the
+    driver's) to every interface of a node whose address is not loopback, with no option to narrow them."""
+    name = proc.name()
+    if name in ("gcs_server", "raylet", "ray::DashboardAgent"):
+        return True
+    if name.startswith("ray::"):
+        return not name.endswith("Agent")  # an actor's core worker; the runtime env agent binds the node address
+    return "ray_eval/run.py" in " ".join(proc.cmdline())
+
+
+# Slurm's own processes inside a job (the step daemon, and srun with its I/O and PMI ports): authenticated by
+# Slurm's credentials, not the job's to bind.
+SLURM_OWN = ("slurmstepd", "srun")
+
+
+def job_processes(job_id: str) -> list[psutil.Process]:
+    """Every process this Slurm job started, Slurm's own aside: those whose environment names the job, and
+    their descendants (Ray starts its agents with an environment of their own)."""
+    found = {}
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("SLURM_JOB_ID") == job_id:
+                found.update({p.pid: p for p in [proc, *proc.children(recursive=True)]})
+        except psutil.Error:  # exited while we looked
+            continue
+    return [p for p in found.values() if name_of(p) not in SLURM_OWN]
+
+
+def name_of(proc: psutil.Process) -> str | None:
+    try:
+        return proc.name()
+    except psutil.Error:  # a short-lived process (a sandbox child) that has exited
+        return None
+
+
+def test_slurm_eval_job_binds_the_internal_interface_and_refuses_callers_without_the_token(tir_tiny_dir, tmp_path):  # noqa: F811
+    internal = internal_address()
+    if internal is None:
+        pytest.skip("this machine has no non-loopback IPv4 interface to stand for a cluster network")
+    data, out = write_data(tmp_path / "problems.jsonl"), tmp_path / "out"
+    # more samples than the test waits for: the job is cancelled once its sockets have been called
+    args = job_args(tir_tiny_dir, data, out, "--samples", "1000", "--max-tokens", "64", "--max-in-flight", "1")
+    with LocalSlurmCluster(nodes=1, node_addr=internal) as cluster:
+        env = {**cluster.env, "MATHTIR_PYTHON": sys.executable}
+        job = cluster.submit(["slurm/eval.sh", *args], cwd=REPO, env=env, sbatch_args=[
+            "--nodes=1", "--cpus-per-task=2", "--mem=4G", f"--output={tmp_path / 'job.out'}"])
+        deadline = time.monotonic() + 300
+        while not ((out / "records.jsonl").exists() and (out / "records.jsonl").read_bytes().count(b"\n")):
+            assert not cluster.job(job).done and time.monotonic() < deadline, cluster.job_output(job)[-3000:]
+            time.sleep(0.5)
+        procs = job_processes(job)
+        names = {name_of(p) for p in procs}
+        assert {"gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= names, names
+        sockets = [s for proc in procs for s in listening_sockets_of(proc)]
+        assert len(sockets) >= 6, sockets
+
+        wildcard = [(p, ip, port) for p, ip, port in sockets if plain_ip(ip).is_unspecified]
+        elsewhere = [(p.name(), ip, port) for p, ip, port in sockets
+                     if str(plain_ip(ip)) != internal and not is_loopback(ip) and not plain_ip(ip).is_unspecified]
+        assert not elsewhere, f"sockets on neither the node's address nor loopback: {elsewhere}"
+        # Every socket, wherever bound, called from the network (the node's address) without the token
+        reachable = [(p, ip, port) for p, ip, port in sockets if not is_loopback(ip)]
+        unauthenticated, read_only = answers_without_token(reachable, host=internal)
+        assert not unauthenticated, f"sockets that serve a network caller without the token: {unauthenticated}"
+        # the autoscaler monitor is not started (--no-monitor): only the dashboard head's exporter is left
+        assert [kind for *_, kind in read_only] in ([], ["dashboard head"]), read_only
+        metrics_ports = {port for _, port, *_ in read_only}
+        beyond = [(p.name(), ip, port) for p, ip, port in wildcard if port not in metrics_ports and not binds_every_interface_in_ray(p)]
+        assert not beyond, f"wildcard binds other than Ray's core gRPC servers: {beyond}"
+        token = next(t for p in procs if (t := safe_environ(p).get("RAY_AUTH_TOKEN")))
+        gcs = next(port for p, ip, port in reachable if p.name() == "gcs_server")
+        assert grpc_answer(gcs, GRPC_METHODS[0], token, host=internal) == grpc.StatusCode.OK
+        assert cluster.job(job).state == "RUNNING", cluster.job_output(job)[-3000:]
+        cluster.cancel(job)
+        cluster.wait(job, timeout=120)
+        # the job's teardown (slurm/ray_cluster.sh) and Slurm leave none of its Ray processes behind
+        deadline = time.monotonic() + 60
+        while alive(procs) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not alive(procs), f"Ray processes of the cancelled job still alive: {alive(procs)}"
+
+
+def listening_sockets_of(proc: psutil.Process) -> list[tuple[psutil.Process, str, int]]:
+    try:
+        return [(proc, c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="inet")
+                if c.status == psutil.CONN_LISTEN]
+    except psutil.Error:  # exited while we looked
+        return []
+
+
+def safe_environ(proc: psutil.Process) -> dict:
+    try:
+        return proc.environ()
+    except psutil.Error:
+        return {}

@@ -72,10 +72,13 @@ def _free_port() -> int:
 
 
 class LocalSlurmCluster:
-    """One slurmctld and ``nodes`` slurmd daemons on 127.0.0.1, stopped by pid on exit."""
+    """One slurmctld and ``nodes`` slurmd daemons on this machine, stopped by pid on exit. The nodes' NodeAddr is
+    ``node_addr``: loopback by default, or one of this machine's own interfaces to stand for a cluster's internal
+    network (what a job binds its services to)."""
 
     def __init__(self, root: str | os.PathLike | None = None, *, nodes: int = 1, cpus_per_node: int | None = None,
-                 memory_mb: int | None = None, partition: str = "debug", preempt_grace_s: int | None = None):
+                 memory_mb: int | None = None, partition: str = "debug", preempt_grace_s: int | None = None,
+                 node_addr: str = "127.0.0.1"):
         # Unix socket paths are limited to ~107 bytes: keep the root short.
         self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="slurm-", dir="/tmp"))
         self.nodes = [f"node{i}" for i in range(nodes)]
@@ -83,6 +86,7 @@ class LocalSlurmCluster:
         self.memory_mb = memory_mb or self._default_memory_mb(nodes)
         self.partition = partition
         self.preempt_grace_s = preempt_grace_s
+        self.node_addr = node_addr
         self.conf_path = self.root / "slurm.conf"
         self.munge_socket = self.root / "munge" / "munge.socket"
         self._procs: dict[str, subprocess.Popen] = {}
@@ -296,7 +300,7 @@ class LocalSlurmCluster:
             "SlurmdDebug=info",
         ]
         for node in self.nodes:
-            lines.append(f"NodeName={node} NodeHostname=localhost NodeAddr=127.0.0.1 Port={_free_port()} "
+            lines.append(f"NodeName={node} NodeHostname=localhost NodeAddr={self.node_addr} Port={_free_port()} "
                          f"CPUs={self.cpus_per_node} RealMemory={self.memory_mb} State=UNKNOWN")
         nodes = ",".join(self.nodes)
         if self.preempt_grace_s is None:
