@@ -4,8 +4,8 @@ the sandbox, everything else is the real job (records, sharding, sealing, gradin
     python bench/generate_driver.py [--samples-total 1000000] [--sizes 100000,1000000]
 
 For each size it runs `mathtir generate` in its own process pinned to one core (taskset) and prints
-bookkeeping samples/s and the driver's peak RSS; memory should stay flat as the run grows (records leave memory
-when their shard is sealed). Targets (issue: generation at scale): >= 5,000 samples/s on one core, peak RSS
+bookkeeping samples/s and the driver's peak RSS; memory should stay flat as the run grows (problems and records
+leave memory when their shard is sealed). Targets (issue: generation at scale): >= 5,000 samples/s on one core, peak RSS
 <= 1 GB at 1M samples and no growth with the run's size.
 """
 

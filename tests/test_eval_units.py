@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mathtir.eval.problems import FieldNames, load_problems
+from mathtir.eval.problems import FieldNames, check_problems, load_problems
 from mathtir.eval.records import RecordsError, RecordStore, SampleRecord, sample_seed
 from mathtir.eval.report import write_results
 from mathtir.readers import DataError
@@ -58,6 +58,24 @@ def test_loads_jsonl_and_parquet_with_renamed_fields(tmp_path):
 def test_bad_jsonl_names_file_line_and_field(tmp_path, rows, message):
     with pytest.raises(DataError, match=message):
         load_problems(write_jsonl(tmp_path / "bad.jsonl", rows))
+
+
+@pytest.mark.parametrize("collide", [False, True])
+def test_checking_without_holding_finds_what_loading_finds(tmp_path, monkeypatch, collide):
+    """check_problems (generation: millions of problems, never all in memory) counts and refuses like
+    load_problems. Ids are compared by digests; with every digest made equal, the ids themselves decide."""
+    from mathtir.eval import problems as problems_module
+
+    if collide:
+        monkeypatch.setattr(problems_module, "_id_digest", lambda problem_id: 7)
+    rows = [{"id": f"q{i}", "problem": f"{i}+1?", "expected_answer": str(i + 1)} for i in range(50)]
+    assert check_problems(write_jsonl(tmp_path / "ok.jsonl", rows)) == 50 == len(load_problems(tmp_path / "ok.jsonl"))
+    bad = write_jsonl(tmp_path / "dup.jsonl", [*rows[:30], {**rows[40], "problem": "again"}, *rows[30:]])
+    for check in (check_problems, load_problems):
+        with pytest.raises(DataError, match=r"dup\.jsonl: duplicate id 'q40' \(records 31 and 42\)"):
+            check(bad)
+    with pytest.raises(DataError, match=r"gap\.jsonl:3: missing field 'expected_answer'"):
+        check_problems(write_jsonl(tmp_path / "gap.jsonl", [*rows[:2], {"id": "x", "problem": "y"}]))
 
 
 def test_bad_parquet_names_column_and_row(tmp_path):

@@ -269,3 +269,56 @@ def test_a_damaged_index_line_is_refused_naming_file_line_and_field(tmp_path, da
         ShardIndex(path)
     path.write_text(json.dumps(good) + "\n")
     assert set(ShardIndex(path).entries) == {0}
+
+
+def test_the_driver_holds_only_the_open_shards_problems(tmp_path, monkeypatch):
+    """A run of many shards reads its problems shard by shard and lets each go when the shard is sealed: at any
+    moment the driver holds the problems of the shards its window of in-flight samples touches, never the run's.
+    A sampler and executor that answer at once stand in for Ray (as in bench/generate_driver.py)."""
+    import asyncio
+
+    from mathtir.eval import generation
+    from mathtir.eval.samplers import Generation
+    from mathtir.sandbox import ExecResult
+
+    class Sampler:
+        uses_token_ids, chat = False, False
+
+        async def generate(self, request):
+            await asyncio.sleep(0)  # the other in-flight samples run meanwhile
+            if request.stop:
+                return Generation([], "```python\nprint(1)\n```\n", 5, "stop")
+            return Generation([], "\\boxed{1}", 3, "eos")
+
+        def stats(self):
+            return {}
+
+    class Executor:
+        async def run(self, code, history):
+            return ExecResult(status="ok", stdout="1\n")
+
+        def stats(self):
+            return {}
+
+    held = []
+    seal = generation.Generation.seal_if_complete
+
+    def seal_and_count(self, j):
+        held.append(sum(len(p) for p in self.problems_of.values()))
+        seal(self, j)
+
+    monkeypatch.setattr(generation.Generation, "seal_if_complete", seal_and_count)
+    data = tmp_path / "problems.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "problem": f"{i}?", "expected_answer": "1"}) + "\n"
+                            for i in range(50)))
+    out = tmp_path / "out"
+    args = generation.build_parser().parse_args([
+        "--data", str(data), "--output", str(out), "--samples", "2", "--shard-problems", "4", "--max-in-flight",
+        "3", "--backend", "openai", "--api-model", "instant", "--no-progress", "--prompt-template", "llmjp"])
+    assert generation.run(args, start_sampling=lambda a: (Sampler(), Executor(), lambda: None)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["problems"], summary["samples"], summary["kept"]) == (50, 100, 50)
+    assert len(list((out / "solutions").iterdir())) == 13  # 12 shards of 4 problems and one of 2
+    # 3 samples in flight span at most 2 shards of 4 problems each (the record that completes a shard is
+    # counted before the shard lets go)
+    assert len(held) == 100 and max(held) <= 2 * 4, max(held)

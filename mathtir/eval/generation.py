@@ -4,10 +4,11 @@ own machinery (backends, sandbox, TIR loop, grader), and only those that reach t
 Entry points: ``mathtir generate ...`` and ``ray_eval/generate.py`` (``ray job submit --working-dir . -- python
 ray_eval/generate.py ...``); Ray as for evaluation (RAY_ADDRESS, else an embedded Ray on loopback).
 
-Sized for runs evaluation never reaches (500k problems x 8 samples): problems are cut into shards of
---shard-problems, samples are drawn shard by shard through a window of --max-in-flight trajectories, and a
-shard whose samples are all recorded is *sealed*: its solutions and per-problem figures are written, its line
-appended to index.jsonl, and its records leave memory. Resume reads the index, then only the records of the
+Sized for runs evaluation never reaches (500k problems x 8 samples): the problems are checked whole but not
+held, then read again in shards of --shard-problems as the run reaches them; samples are drawn shard by shard
+through a window of --max-in-flight trajectories, and a shard whose samples are all recorded is *sealed*: its
+solutions and per-problem figures are written, its line appended to index.jsonl, and its problems and records
+leave memory. Resume reads the index, then only the records of the
 few shards that were open. Output directory:
 
     manifest.json                 model, data + sha256, arguments, code revision, one entry per attempt
@@ -44,7 +45,7 @@ from mathtir.eval.job import (
     run_samples,
     start_samplers,
 )
-from mathtir.eval.problems import FieldNames, Problem, load_problems
+from mathtir.eval.problems import FieldNames, Problem, check_problems, iter_problems
 from mathtir.eval.records import (
     RecordsError,
     RecordStore,
@@ -176,77 +177,114 @@ def pass_rate_bucket(selection: ProblemSelection) -> str:
 
 
 class Generation:
-    """The shards of one run: which are sealed (the index), the records of the open ones, and sealing."""
+    """The shards of one run: which are sealed (the index), the problems and records of the open ones, and
+    sealing. Problems are read from the data shard by shard as the run reaches them and leave memory with
+    their shard, so the driver holds a window of the run, never all of it."""
 
-    def __init__(self, output: Path, problems: list[Problem], *, samples: int, shard_problems: int,
-                 rules: KeepRules, teacher: str):
+    def __init__(self, output: Path, data: str | Path, fields: FieldNames, count: int, *, samples: int,
+                 shard_problems: int, rules: KeepRules, teacher: str):
+        """`count`: how many problems `data` holds (check_problems checked them all before the run)."""
         self.output = output
-        self.shards = [problems[i:i + shard_problems] for i in range(0, len(problems), shard_problems)]
-        self.shard_of = {p.id: i // shard_problems for i, p in enumerate(problems)}
+        self.data, self.fields, self.count = data, fields, count
+        self.shard_problems = shard_problems
+        self.num_shards = -(-count // shard_problems)
         self.samples = samples
         self.rules = rules
         self.teacher = teacher
         for kind in ("records", "solutions", "problems"):
             (output / kind).mkdir(parents=True, exist_ok=True)
         self.index = ShardIndex(output / INDEX_FILE)
-        strays = sorted(set(self.index.entries) - set(range(len(self.shards))))
+        strays = sorted(set(self.index.entries) - set(range(self.num_shards)))
         if strays:
             raise RecordsError(f"{self.index.path}: shards {strays[:5]} do not exist for this data")
         self.open: dict[int, RecordStore] = {}
+        self.problems_of: dict[int, list[Problem]] = {}  # the open shards' problems
+        self.shard_of: dict[str, int] = {}  # problem id -> shard, for the open shards
         self.sealing_s = 0.0
         self.torn_bytes = self.index.torn_bytes
+
+    def shard_size(self, j: int) -> int:
+        return min(self.shard_problems, self.count - j * self.shard_problems)
+
+    def read_shards(self, last: int | None = None):
+        """(shard, its problems) in order, read from the data as they are reached (up to shard `last`)."""
+        changed = RecordsError(f"{self.data}: changed during the run (it held {self.count} problems when the run "
+                               f"started; the manifest has its sha256)")
+        chunk: list[Problem] = []
+        j = read = 0
+        for problem in iter_problems(self.data, self.fields):
+            if read == self.count:
+                raise changed
+            chunk.append(problem)
+            read += 1
+            if len(chunk) == self.shard_size(j):
+                yield j, chunk
+                if last is not None and j >= last:
+                    return
+                chunk, j = [], j + 1
+        if read != self.count:
+            raise changed
 
     def recorded_at_start(self) -> int:
         """Samples already done: those of sealed shards, plus those of shards left open by a killed run (whose
         records are read now; a shard found complete is sealed at once)."""
-        done = sum(len(self.shards[j]) * self.samples for j in self.index.entries)
-        for j in range(len(self.shards)):
-            if j not in self.index.entries and (self.output / shard_name("records", j)).exists():
-                done += len(self.open_shard(j))
-                self.seal_if_complete(j)
+        done = sum(self.shard_size(j) * self.samples for j in self.index.entries)
+        left_open = [j for j in range(self.num_shards)
+                     if j not in self.index.entries and (self.output / shard_name("records", j)).exists()]
+        if left_open:
+            for j, problems in self.read_shards(last=max(left_open)):
+                if j in left_open:
+                    done += len(self.open_shard(j, problems))
+                    self.seal_if_complete(j)
         return done
 
-    def open_shard(self, j: int) -> RecordStore:
+    def open_shard(self, j: int, problems: list[Problem]) -> RecordStore:
         if j not in self.open:
             store = RecordStore(self.output / shard_name("records", j), sync_interval_s=1.0)
             self.torn_bytes += store.torn_bytes
-            ids = {p.id for p in self.shards[j]}
+            ids = {p.id for p in problems}
             strays = sorted({pid for pid, index in store.records if pid not in ids or index >= self.samples})
             if strays:
                 raise RecordsError(f"{store.path}: records of problems not in this shard, or sample indices "
                                    f">= --samples {self.samples}: {strays[:5]}")
             self.open[j] = store
+            self.problems_of[j] = problems
+            self.shard_of.update(dict.fromkeys(ids, j))
         return self.open[j]
 
     def todo(self):
-        """(problem, sample index) still to generate, shard by shard, opening each shard as it is reached."""
-        for j, shard in enumerate(self.shards):
+        """(problem, sample index) still to generate, shard by shard, reading and opening each shard as it is
+        reached."""
+        if len(self.index.entries) == self.num_shards:
+            return
+        for j, problems in self.read_shards():
             if j in self.index.entries:
                 continue
-            store = self.open_shard(j)
-            for problem in shard:
+            store = self.open_shard(j, problems)
+            for problem in problems:
                 for index in range(self.samples):
                     if (problem.id, index) not in store:
                         yield problem, index
 
     def record(self, problem: Problem, record: SampleRecord) -> None:
         j = self.shard_of[problem.id]
-        self.open_shard(j).append(record)
+        self.open[j].append(record)
         self.seal_if_complete(j)
 
     def seal_if_complete(self, j: int) -> None:
         store = self.open[j]
-        if len(store) < len(self.shards[j]) * self.samples:
+        problems = self.problems_of[j]
+        if len(store) < len(problems) * self.samples:
             return
         started = time.perf_counter()
         by_problem: dict[str, list[SampleRecord]] = {}
         for record in store.records.values():
             by_problem.setdefault(record.problem_id, []).append(record)
-        entry = {"shard": j, "problems": len(self.shards[j]), "samples": len(store), "correct": 0, "kept": 0,
+        entry = {"shard": j, "problems": len(problems), "samples": len(store), "correct": 0, "kept": 0,
                  "dropped": Counter(), "categories": {}, "pass_rate_histogram": Counter(),
                  "generated_tokens": sum(r.generated_tokens for r in store.records.values())}
         solutions, problem_lines = [], []
-        for problem in self.shards[j]:
+        for problem in problems:
             selection = select(problem.id, by_problem[problem.id], self.rules)
             reasons = selection.reasons()
             entry["correct"] += selection.correct
@@ -270,7 +308,9 @@ class Generation:
                      solutions_sha256=solutions_sha256)
         store.close()
         self.index.add(entry)  # last: a kill before this line reseals the shard on resume
-        del self.open[j]
+        del self.open[j], self.problems_of[j]
+        for problem in problems:
+            del self.shard_of[problem.id]
         self.sealing_s += time.perf_counter() - started
 
     def solution_row(self, problem: Problem, selection: ProblemSelection, record: SampleRecord) -> dict:
@@ -283,7 +323,7 @@ class Generation:
                 "generated_tokens": record.generated_tokens}
 
     def unsealed(self) -> list[int]:
-        return [j for j in range(len(self.shards)) if j not in self.index.entries]
+        return [j for j in range(self.num_shards) if j not in self.index.entries]
 
     def close(self) -> None:
         for store in self.open.values():
@@ -375,7 +415,7 @@ def run(args: argparse.Namespace, *, start_sampling=None) -> int:
 
     check_generation_args(args)
     fields = FieldNames(args.id_field, args.problem_field, args.answer_field, args.category_field)
-    problems = load_problems(args.data, fields)  # every record checked before anything starts
+    count = check_problems(args.data, fields)  # every record checked before anything starts
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     manifest = prepare_manifest(output, args, file_sha256(args.data), identity_args=GENERATION_IDENTITY,
@@ -383,13 +423,13 @@ def run(args: argparse.Namespace, *, start_sampling=None) -> int:
     attempt = len(manifest["attempts"])
     teacher = teacher_name(args)
     clock = WallClock()
-    generation = Generation(output, problems, samples=args.samples, shard_problems=args.shard_problems,
-                            rules=keep_rules(args), teacher=teacher)
+    generation = Generation(output, args.data, fields, count, samples=args.samples,
+                            shard_problems=args.shard_problems, rules=keep_rules(args), teacher=teacher)
     try:
         resumed = generation.recorded_at_start()
-        todo_count = len(problems) * args.samples - resumed
-        log.info("%d problems x %d samples in %d shard(s): %d already recorded, %d to generate", len(problems),
-                 args.samples, len(generation.shards), resumed, todo_count)
+        todo_count = count * args.samples - resumed
+        log.info("%d problems x %d samples in %d shard(s): %d already recorded, %d to generate", count,
+                 args.samples, generation.num_shards, resumed, todo_count)
         manifest["attempts"][-1].update(resumed_samples=resumed, torn_bytes=generation.torn_bytes)
         atomic_write_json(output / MANIFEST_FILE, manifest)  # an attempt killed later still tells what it found
         sampler_stats = exec_stats = None
@@ -407,7 +447,7 @@ def run(args: argparse.Namespace, *, start_sampling=None) -> int:
             sampler, executor, close = (start_sampling or start_ray_sampling)(args)
             try:
                 sampler, executor = TimedSampler(sampler, clock), TimedExecutor(executor, clock)
-                progress = tqdm(total=len(problems) * args.samples, initial=resumed, desc="samples",
+                progress = tqdm(total=count * args.samples, initial=resumed, desc="samples",
                                 disable=args.no_progress, mininterval=1 if sys.stderr.isatty() else 10,
                                 file=sys.stderr)
 
