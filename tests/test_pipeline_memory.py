@@ -25,9 +25,10 @@ def test_stage_peak_sums_the_whole_process_tree(tmp_path):
     stage = Stage("allocate", tmp_path / "allocate" / ".done", [sys.executable, "-c", TREE])
     own = psutil.Process().memory_full_info().pss  # the measuring process counts too (a whole suite's is large)
     elapsed, peak = run_stage(stage, 1, 1, tmp_path)
-    # Both allocations at once, plus two small interpreters and this test process; a sampler that saw only the
-    # direct child (or only this process) stays below 700 MB beside this process.
-    assert own + 700 * MB < peak < own + 700 * MB + 300 * MB, (peak, own)
+    # Both allocations at once, plus two small interpreters and this test process: own + 700 MB and more. A
+    # sampler that saw only the direct child reads own + 400 MB and a little; the bound lies halfway, because
+    # this process's own PSS moves by tens of MB while it runs (others mapping the same libraries share them).
+    assert own + 550 * MB < peak < own + 700 * MB + 300 * MB, (peak, own)
     assert json.loads(stage.done_marker.read_text())["peak_memory_bytes"] == peak
 
 

@@ -87,6 +87,11 @@ class LocalSlurmCluster:
         self.partition = partition
         self.preempt_grace_s = preempt_grace_s
         self.node_addr = node_addr
+        # The scripts derive ports from the job id (slurm/common.sh MASTER_PORT, slurm/ray_cluster.sh), as ids are
+        # unique within a real cluster. Clusters of two pytest-xdist workers run side by side on one machine:
+        # their job ids start 1000 apart, so their jobs never pick the same ports.
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+        self.first_job_id = 1 + 1000 * (int(worker[2:]) if worker[2:].isdigit() else 0)
         self.conf_path = self.root / "slurm.conf"
         self.munge_socket = self.root / "munge" / "munge.socket"
         self._procs: dict[str, subprocess.Popen] = {}
@@ -268,6 +273,7 @@ class LocalSlurmCluster:
             f"ClusterName=local{ctld_port}",
             "SlurmctldHost=localhost(127.0.0.1)",
             f"SlurmctldPort={ctld_port}",
+            f"FirstJobId={self.first_job_id}",
             "SlurmUser=root",
             "SlurmdUser=root",
             f"AuthInfo=socket={self.munge_socket},cred_expire=10",
