@@ -1,7 +1,14 @@
 """Sandbox speed, side by side in one run: mathtir's SandboxPool (all isolation on) vs a fresh `python -c`
-per snippet (the naive baseline) vs in-process `exec` (the floor, no isolation at all).
+per snippet (the naive baseline) vs in-process `exec` (the floor, no isolation at all), and optionally
+NeMo-Skills' local sandbox (its Flask app on loopback, IPython sessions, no isolation between snippets).
 
     .venv/bin/python bench/sandbox.py [--workers 2] [--runs 100] [--fresh-runs 8]
+        [--nemo-skills PATH/local_sandbox_server.py --nemo-skills-python VENV/bin/python]
+
+NeMo-Skills is not a dependency: give a checkout's `nemo_skills/code_execution/local_sandbox/
+local_sandbox_server.py` and an interpreter with flask, ipython, psutil and sympy. Its rows are a warm session
+(each caller keeps one IPython session, as a trajectory does; sympy's cache persists across its calls, as it
+does across a trajectory's blocks) and a new session per snippet.
 
 For a trivial snippet and a typical TIR snippet (sympy solve): p50/p99 latency of sequential calls, and
 throughput with `workers` concurrent callers. Targets (issue 16, with every isolation measure on): sympy
@@ -14,12 +21,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+import urllib.request
+import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from mathtir.sandbox import SandboxPool
 
@@ -80,11 +94,66 @@ def in_process_call(code: str):
     return call
 
 
+@contextlib.contextmanager
+def nemo_skills_server(server_py: str, python: str):
+    """NeMo-Skills' local sandbox app served by flask on a free loopback port; yields its URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = Path(server_py).resolve()
+    log = tempfile.TemporaryFile()  # it logs every request: a pipe nobody reads would fill and stall it
+    proc = subprocess.Popen([python, "-m", "flask", "--app", server.stem, "run", "--host", "127.0.0.1", "--port",
+                             str(port)], cwd=server.parent, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise SystemExit(f"NeMo-Skills sandbox did not start: {log.read().decode()[-2000:]}") from None
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+
+def nemo_skills_call(url: str, code: str, *, warm: bool):
+    """One snippet through /execute in an IPython session: the calling thread's own session when warm, else a
+    new session, deleted after the call (as a new trajectory would start one)."""
+    own = threading.local()
+
+    def call():
+        if warm:
+            own.session = getattr(own, "session", None) or uuid.uuid4().hex
+        session = own.session if warm else uuid.uuid4().hex
+        body = json.dumps({"generated_code": code, "timeout": 30, "language": "ipython"}).encode()
+        request = urllib.request.Request(f"{url}/execute", data=body, headers={
+            "Content-Type": "application/json", "X-Session-ID": session})
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            result = json.load(resp)
+        if result.get("process_status") != "completed":
+            raise RuntimeError(f"NeMo-Skills sandbox run failed: {result}")
+        if not warm:
+            urllib.request.urlopen(urllib.request.Request(f"{url}/sessions/{session}", method="DELETE"),
+                                   timeout=30).read()
+    return call
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=2, help="pool workers = concurrent callers for throughput")
     parser.add_argument("--runs", type=int, default=100, help="calls per (pool|in-process, snippet) measurement")
     parser.add_argument("--fresh-runs", type=int, default=8, help="calls per fresh-process measurement")
+    parser.add_argument("--nemo-skills", metavar="SERVER_PY", help="NeMo-Skills' local_sandbox_server.py: adds its rows")
+    parser.add_argument("--nemo-skills-python", default=sys.executable,
+                        help="interpreter for it (flask, ipython, psutil, sympy)")
+    parser.add_argument("--nemo-skills-new-runs", type=int, default=8, help="calls per new-session measurement")
     args = parser.parse_args()
 
     rows: dict[tuple[str, str], dict] = {}
@@ -99,6 +168,13 @@ def main() -> None:
         rows["fresh python -c", name] = measure(fresh_process_call(code), args.fresh_runs, args.workers)
         # exec holds the GIL: more threads would not add throughput, so the floor is single-threaded.
         rows["in-process exec", name] = measure(in_process_call(code), args.runs, 1)
+    if args.nemo_skills:
+        with nemo_skills_server(args.nemo_skills, args.nemo_skills_python) as url:
+            for name, code in SNIPPETS.items():
+                rows["NeMo-Skills warm", name] = measure(nemo_skills_call(url, code, warm=True), args.runs,
+                                                         args.workers)
+                rows["NeMo-Skills new", name] = measure(nemo_skills_call(url, code, warm=False),
+                                                        args.nemo_skills_new_runs, args.workers)
 
     print(f"load average after: {os.getloadavg()[0]:.1f}")
     print(f"\n{'method':<18}{'snippet':<9}{'p50 ms':>9}{'p99 ms':>9}{'runs/s':>9}")
@@ -110,6 +186,11 @@ def main() -> None:
         print(f"{name}: pool throughput = {pool_row['per_s'] / fresh['per_s']:.1f}x fresh process; "
               f"pool p50 = {fresh['p50'] / pool_row['p50']:.1f}x faster than fresh, "
               f"+{pool_row['p50'] - floor['p50']:.2f} ms over in-process exec")
+        if ("NeMo-Skills warm", name) in rows:
+            warm = rows["NeMo-Skills warm", name]
+            print(f"{name}: pool / NeMo-Skills warm session: throughput {pool_row['per_s'] / warm['per_s']:.2f}x, "
+                  f"p50 {pool_row['p50']:.2f} vs {warm['p50']:.2f} ms; / new session: throughput "
+                  f"{pool_row['per_s'] / rows['NeMo-Skills new', name]['per_s']:.1f}x")
     sympy_ratio = rows["pool", "sympy"]["per_s"] / rows["fresh python -c", "sympy"]["per_s"]
     trivial_p50 = rows["pool", "trivial"]["p50"]
     print(f"targets: sympy throughput >= {SYMPY_TARGET:g}x fresh: {sympy_ratio:.1f}x "
