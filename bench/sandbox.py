@@ -129,8 +129,8 @@ def nemo_skills_call(url: str, code: str, *, warm: bool):
     own = threading.local()
 
     def call():
-        if warm:
-            own.session = getattr(own, "session", None) or uuid.uuid4().hex
+        if warm and not hasattr(own, "session"):
+            own.session = uuid.uuid4().hex
         session = own.session if warm else uuid.uuid4().hex
         body = json.dumps({"generated_code": code, "timeout": 30, "language": "ipython"}).encode()
         request = urllib.request.Request(f"{url}/execute", data=body, headers={

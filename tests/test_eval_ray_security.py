@@ -75,14 +75,15 @@ def _kill(procs) -> None:
 
 
 def listening_sockets(root: psutil.Process) -> list[tuple[psutil.Process, str, int]]:
-    found = []
-    for proc in [root, *root.children(recursive=True)]:
-        try:
-            found += [(proc, c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="inet")
-                      if c.status == psutil.CONN_LISTEN]
-        except psutil.Error:  # exited while we looked
-            pass
-    return found
+    return [s for proc in [root, *root.children(recursive=True)] for s in listening_sockets_of(proc)]
+
+
+def listening_sockets_of(proc: psutil.Process) -> list[tuple[psutil.Process, str, int]]:
+    try:
+        return [(proc, c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="inet")
+                if c.status == psutil.CONN_LISTEN]
+    except psutil.Error:  # exited while we looked
+        return []
 
 
 def plain_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -148,9 +149,9 @@ def answers_without_token(sockets, host: str = "127.0.0.1") -> tuple[list, list]
     return unauthenticated, read_only
 
 
-def run_token(root: psutil.Process) -> str:
-    """The job's token, as its Ray processes got it (the driver set it after it started)."""
-    for proc in root.children(recursive=True):
+def run_token(procs: list[psutil.Process]) -> str:
+    """The job's token, as its Ray processes got it (an embedded driver sets it after it started)."""
+    for proc in procs:
         try:
             token = proc.environ().get("RAY_AUTH_TOKEN")
         except psutil.Error:
@@ -178,7 +179,7 @@ def test_embedded_job_listens_on_loopback_only_and_refuses_callers_without_the_t
     exposed = [(p.name(), ip, port) for p, ip, port in sockets if not is_loopback(ip)]
     assert not exposed, f"non-loopback listening sockets: {exposed}"
 
-    token = run_token(root)
+    token = run_token(root.children(recursive=True))
     unauthenticated, read_only = answers_without_token(sockets)
     assert not unauthenticated, f"listening sockets that serve a caller without the token: {unauthenticated}"
     assert len(read_only) <= len(READ_ONLY_METRICS), read_only
@@ -308,7 +309,7 @@ def test_slurm_eval_job_binds_the_internal_interface_and_refuses_callers_without
         metrics_ports = {port for _, port, *_ in read_only}
         beyond = [(p.name(), ip, port) for p, ip, port in wildcard if port not in metrics_ports and not binds_every_interface_in_ray(p)]
         assert not beyond, f"wildcard binds other than Ray's core gRPC servers: {beyond}"
-        token = next(t for p in procs if (t := safe_environ(p).get("RAY_AUTH_TOKEN")))
+        token = run_token(procs)
         gcs = next(port for p, ip, port in reachable if p.name() == "gcs_server")
         assert grpc_answer(gcs, GRPC_METHODS[0], token, host=internal) == grpc.StatusCode.OK
         assert cluster.job(job).state == "RUNNING", cluster.job_output(job)[-3000:]
@@ -320,17 +321,3 @@ def test_slurm_eval_job_binds_the_internal_interface_and_refuses_callers_without
             time.sleep(1)
         assert not alive(procs), f"Ray processes of the cancelled job still alive: {alive(procs)}"
 
-
-def listening_sockets_of(proc: psutil.Process) -> list[tuple[psutil.Process, str, int]]:
-    try:
-        return [(proc, c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="inet")
-                if c.status == psutil.CONN_LISTEN]
-    except psutil.Error:  # exited while we looked
-        return []
-
-
-def safe_environ(proc: psutil.Process) -> dict:
-    try:
-        return proc.environ()
-    except psutil.Error:
-        return {}

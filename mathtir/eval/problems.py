@@ -65,7 +65,7 @@ def load_problems(path: str | Path, fields: FieldNames = FieldNames()) -> list[P
     seen: dict[str, int] = {}
     for index, p in enumerate(problems):
         if p.id in seen:
-            raise DataError(duplicate_message(path, fields, p.id, seen[p.id], index))
+            raise DataError(_duplicate_message(path, fields, p.id, seen[p.id], index))
         seen[p.id] = index
     return problems
 
@@ -86,7 +86,7 @@ def check_problems(path: str | Path, fields: FieldNames = FieldNames()) -> int:
         for index, p in enumerate(iter_problems(path, fields)):
             if index in suspects:
                 if p.id in seen:
-                    raise DataError(duplicate_message(path, fields, p.id, seen[p.id], index))
+                    raise DataError(_duplicate_message(path, fields, p.id, seen[p.id], index))
                 seen[p.id] = index
     return len(digests)
 
@@ -95,5 +95,5 @@ def _id_digest(problem_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(problem_id.encode(), digest_size=8).digest(), "little")
 
 
-def duplicate_message(path: str | Path, fields: FieldNames, problem_id: str, first: int, second: int) -> str:
+def _duplicate_message(path: str | Path, fields: FieldNames, problem_id: str, first: int, second: int) -> str:
     return f"{path}: duplicate {fields.id} '{problem_id}' (records {first + 1} and {second + 1})"
