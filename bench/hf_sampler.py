@@ -1,9 +1,12 @@
 """HF sampler: continuous batching vs the static batching it replaced, on the same TIR workload, one run.
 
-    .venv/bin/python bench/hf_sampler.py [--model DIR] [--problems 8] [--samples 4] [--max-tokens 256]
+    .venv/bin/python bench/hf_sampler.py [--model DIR] [--problems 8] [--samples 4] [--seeds 3] [--max-tokens 256]
 
 Both samplers load the same model and run the same samples (same problems, seeds, sandbox) with real code
-execution, the phases alternating --repeats times, the fastest of each counting. The baseline
+execution, the phases alternating --repeats times, the fastest of each counting. The workload is run once per
+seed of --seeds (default 3): the two samplers cannot draw bit-identical tokens (their batches differ, and with
+them the logits' last bits), so one seed's trajectories differ in length between them by chance (one run had
+the continuous sampler write 15% more tokens and run 50% more code); summing over seeds evens that out. The baseline
 (`StaticBatchingSampler`, below) is the previous implementation kept here for comparison: it decodes a batch
 until every row of it is done (a trajectory back from the sandbox waits for the whole batch), re-prefills each
 round's prompt + response from an empty cache, and samples row by row (a full-vocabulary sort for top-p).
@@ -147,6 +150,7 @@ def main() -> None:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--sandbox-workers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1, help="alternating runs of each sampler; the fastest counts")
+    p.add_argument("--seeds", type=int, default=3, help="the workload is run once per seed; the sum counts")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
     p.add_argument("--no-baseline", action="store_true", help="run the continuous sampler only (samples/s)")
     # One torch thread: on a shared, oversubscribed CPU more threads spin-wait and decoding slows by 10x+.
@@ -161,8 +165,8 @@ def main() -> None:
     template = get_template("chat", tokenizer=samplers["continuous"].tokenizer)
     problems = [Problem(f"q{i}", q + INSTRUCTION, a, "arith") for i, (q, a) in
                 enumerate((QUESTIONS * (args.problems // len(QUESTIONS) + 1))[: args.problems])]
-    config = TIRConfig(max_tokens=args.max_tokens, max_code_executions=args.max_code_executions,
-                       temperature=0.7, top_p=0.95, seed=0)
+    configs = [TIRConfig(max_tokens=args.max_tokens, max_code_executions=args.max_code_executions,
+                         temperature=0.7, top_p=0.95, seed=seed) for seed in range(args.seeds)]
     walls: dict[str, list[float]] = {name: [] for name in samplers}
     results = {}
     with SandboxPool(workers=args.sandbox_workers) as pool:
@@ -172,15 +176,18 @@ def main() -> None:
             asyncio.run(run_all(problems[:2], 1, sampler=sampler, executor=executor, template=template,
                                 config=warm))
         for repeat in range(args.repeats):
-            for name, sampler in samplers.items():
-                wall, records = asyncio.run(run_all(problems, args.samples, sampler=sampler, executor=executor,
-                                                    template=template, config=config))
-                walls[name].append(wall)
-                results[name] = records
-                print(f"repeat {repeat + 1}: {name} {wall:.1f} s", flush=True)
+            runs: dict[str, list] = {name: [] for name in samplers}
+            for config in configs:  # the samplers alternate seed by seed: the machine's noise falls on both
+                for name, sampler in samplers.items():
+                    runs[name].append(asyncio.run(run_all(problems, args.samples, sampler=sampler,
+                                                          executor=executor, template=template, config=config)))
+            for name in samplers:
+                walls[name].append(sum(wall for wall, _ in runs[name]))
+                results[name] = [record for _, records in runs[name] for record in records]
+                print(f"repeat {repeat + 1}: {name} {walls[name][-1]:.1f} s", flush=True)
 
-    print(f"model: {model}  ({args.problems} problems x {args.samples} samples, max_tokens {args.max_tokens}, "
-          f"<= {args.max_code_executions} executions, batch <= {args.max_batch_size}, {args.threads} threads, "
+    print(f"model: {model}  ({args.problems} problems x {args.samples} samples x {args.seeds} seeds, "
+          f"max_tokens {args.max_tokens}, <= {args.max_code_executions} executions, batch <= {args.max_batch_size}, {args.threads} threads, "
           f"device {samplers['continuous'].device})")
     print(f"{'sampler':<18}{'wall s':>9}{'samples/s':>11}{'gen tok/s':>11}{'executions':>12}{'mean tokens':>13}")
     rates = {}
@@ -190,7 +197,8 @@ def main() -> None:
         rates[name] = len(records) / wall
         print(f"{name:<18}{wall:>9.2f}{rates[name]:>11.3f}{tokens / wall:>11.1f}"
               f"{sum(r.code_rounds for r in records):>12}{tokens / len(records):>13.1f}")
-    print(f"prefix cache: {samplers['continuous'].stats()['prefix_cache']}")
+    stats = samplers["continuous"].stats()
+    print(f"prefix cache: {stats['prefix_cache']}; rows that shared a prompt's prefill: {stats['shared_prompt_rows']}")
     if args.no_baseline:
         return
     ratio = rates["continuous"] / rates["static (before)"]

@@ -16,6 +16,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -312,6 +313,28 @@ def test_hf_stopped_trajectory_keeps_its_kv_and_the_next_round_prefills_only_the
     assert second.token_ids == asyncio.run(fresh.generate(_request(second_prompt, n=10))).token_ids
 
 
+def test_hf_prompts_arriving_together_are_prefilled_once_each_in_one_forward(tiny_llama_dir):
+    """A problem's samples share their prompt: it is computed once, whatever the number of samples."""
+    from mathtir.eval.samplers.hf import HFSampler
+
+    sampler = HFSampler(tiny_llama_dir, max_batch_size=8, num_threads=1)
+    forwards = []
+    forward = sampler.model.forward
+    sampler.model.forward = lambda **kw: forwards.append(tuple(kw["input_ids"].shape)) or forward(**kw)
+    first, second = list(range(100, 140)), list(range(200, 230))
+
+    async def go():
+        return await asyncio.gather(*[sampler.generate(_request(first, seed=s, n=4, temperature=1.0)) for s in range(4)],
+                                    sampler.generate(_request(second, n=4)))
+
+    generations = asyncio.run(go())
+    stats = sampler.stats()
+    assert [g.num_tokens for g in generations] == [4] * 5 or any(g.finish_reason == "eos" for g in generations)
+    assert stats["prefilled_tokens"] == len(first) + len(second) and stats["shared_prompt_rows"] == 3
+    assert forwards[0] == (2, len(first))  # both prompts in one left-padded forward, then decode steps
+    assert all(shape[1] == 1 for shape in forwards[1:]) and stats["rows"] == 5
+
+
 def test_batched_top_p_samples_only_the_nucleus_with_per_row_seeds():
     from mathtir.eval.samplers.hf import sample_rows
 
@@ -339,40 +362,70 @@ def test_batched_top_p_samples_only_the_nucleus_with_per_row_seeds():
 # -- vLLM replica placement (Ray, custom resources standing in for GPUs) ------------------------------------
 
 @pytest.mark.slow
-def test_tensor_parallel_replicas_leave_their_gpus_to_the_engine_workers_and_never_overcommit(monkeypatch):
+def test_replicas_spread_over_nodes_with_each_tensor_parallel_group_on_one_node(monkeypatch):
+    """Two Ray nodes on this machine with two stand-in GPUs each: TP=2 replicas land one per node, their engine
+    workers inside their own group on that node; a TP=3 replica cannot be placed although four GPUs are free in
+    all (a group never spans nodes); TP=1 replicas claim their GPU themselves and fill both nodes."""
     import ray
+    from ray.cluster_utils import Cluster
 
     from mathtir.eval.actors import place_sampler_replicas
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, resources={"standin_gpu": 4}, include_dashboard=False, _node_ip_address="127.0.0.1",
-             object_store_memory=100 * 1024 * 1024)
+    # what RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 sets at import (the embedded Ray's switch): the driver connects
+    # over loopback, where both nodes listen, instead of resolving 127.0.0.1 to the host's address
+    monkeypatch.setattr(ray._private.ray_constants, "ENABLE_RAY_CLUSTER", False)
+    node = {"num_cpus": 1, "resources": {"standin_gpu": 2}, "node_ip_address": "127.0.0.1",
+            "include_dashboard": False, "object_store_memory": 80 * 1024 * 1024}
+    cluster = Cluster(initialize_head=True, head_node_args=node)
     try:
+        cluster.add_node(**node)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address)
+
         @ray.remote
         def tp_worker():  # what vLLM's Ray executor starts per GPU of the engine's placement group
-            return ray.get_runtime_context().get_placement_group_id()
+            context = ray.get_runtime_context()
+            return context.get_placement_group_id(), context.get_node_id()
 
         @ray.remote
         class Engine:
             def start(self, tp):
-                group = ray.get_runtime_context().get_placement_group_id()
+                context = ray.get_runtime_context()
                 workers = [tp_worker.options(num_cpus=0, resources={"standin_gpu": 1}).remote() for _ in range(tp)]
                 ready, _ = ray.wait(workers, num_returns=tp, timeout=120)
-                return group, ray.get(ready)
+                return context.get_placement_group_id(), context.get_node_id(), ray.get(ready)
 
-        placements = place_sampler_replicas(ray, replicas=2, gpus_per_replica=2, cpus_per_replica=0.5,
+            def where(self):
+                context = ray.get_runtime_context()
+                return context.get_node_id(), context.get_assigned_resources().get("standin_gpu", 0)
+
+        placements = place_sampler_replicas(ray, replicas=2, gpus_per_replica=2, cpus_per_replica=0.25,
                                             tensor_parallel=True, gpu_resource="standin_gpu", timeout_s=300)
         engines = [Engine.options(**p).remote() for p in placements]
         started = ray.get([e.start.remote(2) for e in engines], timeout=600)
-        assert len({group for group, _ in started}) == 2  # one placement group per replica
-        for group, workers in started:
-            # both TP workers got a GPU of their engine's own group: the engine holds none itself
-            assert workers == [group, group]
-        with pytest.raises(TimeoutError, match="could not be placed"):
-            place_sampler_replicas(ray, replicas=1, gpus_per_replica=2, cpus_per_replica=0.5,
+        assert len({group for group, _, _ in started}) == 2  # one placement group per replica
+        assert len({engine_node for _, engine_node, _ in started}) == 2  # one replica per node
+        for group, engine_node, workers in started:
+            # both TP workers got a GPU of their engine's own group, on the engine's node: the engine holds none
+            assert workers == [(group, engine_node)] * 2
+        with pytest.raises(TimeoutError, match="could not be placed"):  # all four are held: no overcommit
+            place_sampler_replicas(ray, replicas=1, gpus_per_replica=1, cpus_per_replica=0.25,
                                    tensor_parallel=True, gpu_resource="standin_gpu", timeout_s=5)
+        for engine, placement in zip(engines, placements, strict=True):  # every GPU free again
+            ray.kill(engine)
+            ray.util.remove_placement_group(placement["scheduling_strategy"].placement_group)
+        with pytest.raises(TimeoutError, match="could not be placed"):  # four free, but no node has three
+            place_sampler_replicas(ray, replicas=1, gpus_per_replica=3, cpus_per_replica=0.25,
+                                   tensor_parallel=True, gpu_resource="standin_gpu", timeout_s=5)
+        placements = place_sampler_replicas(ray, replicas=4, gpus_per_replica=1, cpus_per_replica=0.25,
+                                            tensor_parallel=False, gpu_resource="standin_gpu", timeout_s=300)
+        where = ray.get([Engine.options(**p).remote().where.remote() for p in placements], timeout=600)
+        assert sorted(Counter(n for n, _ in where).values()) == [2, 2]
+        assert [gpus for _, gpus in where] == [1, 1, 1, 1]  # each actor holds its own GPU
     finally:
         ray.shutdown()
+        cluster.shutdown()
 
 
 # -- the wall clock -----------------------------------------------------------------------------------------

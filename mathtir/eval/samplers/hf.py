@@ -8,9 +8,10 @@ stop strings, and it needs each row handed back the moment it stops so its code 
 decoding.
 
 Continuous: one running batch. A request that arrives while it decodes (a trajectory back from the sandbox)
-joins it at the next step: its new tokens are prefilled on their own and its KV rows are merged into the batch
-cache (left padding), and a row that finishes leaves at once. A row that stops at a code block leaves its KV
-behind (``PrefixCache``); its next round (the same ids + the code output) prefills only what was added.
+joins it at the next step: new prompts are prefilled together, each distinct prompt once (a problem's samples
+share theirs), their KV rows merged into the batch cache (left padding); a row that finishes leaves at once. A
+row that stops at a code block leaves its KV behind (``PrefixCache``); its next round (the same ids + the code
+output) prefills only what was added.
 Sampling runs on the whole batch's tensors: top-p over the top ``_TOP_P_CANDIDATES`` tokens (a partial sort),
 the full distribution only for a row whose nucleus reaches beyond them; each row draws its own uniform number
 from its own generator, so seeds stay per row.
@@ -164,7 +165,7 @@ class HFSampler:
         self._have_work: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._stats = {"batches": 0, "rows": 0, "steps": 0, "peak_rows": 0, "generated_tokens": 0, "prefilled_tokens": 0,
-                       "busy_s": 0.0}
+                       "shared_prompt_rows": 0, "busy_s": 0.0}
         self._stats_lock = threading.Lock()
 
     def _eos_ids(self) -> set[int]:
@@ -294,29 +295,63 @@ class HFSampler:
                 self._stats["busy_s"] += time.perf_counter() - started
 
     def _prefill(self, arrivals):
-        """Each arriving request's KV (from its stored prefix where there is one) and its next-token logits."""
+        """Each arriving request's KV and next-token logits. A request that continues a stored prefix (a
+        trajectory back from the sandbox) prefills only what was added; the others are prefilled together in
+        one left-padded forward, each distinct prompt once (a problem's samples arrive with the same prompt)."""
+        rows, kvs, logits = [], [], []
+        fresh: dict[tuple[int, ...], list[int]] = {}  # a new prompt -> the arrivals that carry it
+        for position, (request, future) in enumerate(arrivals):
+            generator = torch.Generator(device=self.device).manual_seed(request.seed)
+            rows.append(_Row(request, future, generator, length=len(request.prompt_ids)))
+            reused, kv = self.prefix_cache.take(request.prompt_ids)
+            if kv is None:
+                fresh.setdefault(tuple(request.prompt_ids), []).append(position)
+                kvs.append(None)
+                logits.append(None)
+            else:
+                kv, logit = self._prefill_suffix(request.prompt_ids, reused, kv)
+                kvs.append(kv)
+                logits.append(logit)
+        if fresh:
+            for (kv, logit), positions in zip(self._prefill_prompts(list(fresh)), fresh.values(), strict=True):
+                for position in positions:
+                    kvs[position], logits[position] = kv, logit
+        with self._stats_lock:
+            self._stats["rows"] += len(rows)
+            self._stats["shared_prompt_rows"] += sum(map(len, fresh.values())) - len(fresh)
+        return rows, kvs, torch.cat(logits)
+
+    def _prefill_suffix(self, ids: list[int], reused: int, kv):
         from transformers import DynamicCache
 
-        rows, kvs, logits = [], [], []
-        for request, future in arrivals:
-            reused, kv = self.prefix_cache.take(request.prompt_ids)
-            cache = DynamicCache()
-            for layer, (k, v) in enumerate(kv or []):
-                cache.update(k, v, layer)
-            suffix = torch.tensor([request.prompt_ids[reused:]], device=self.device)
-            n = len(request.prompt_ids)
-            out = self.model(input_ids=suffix, attention_mask=torch.ones((1, n), dtype=torch.long,
-                                                                         device=self.device),
-                             position_ids=torch.arange(reused, n, device=self.device)[None],
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
-            kvs.append([(layer.keys, layer.values) for layer in out.past_key_values.layers])
-            logits.append(out.logits[:, -1, :])
-            generator = torch.Generator(device=self.device).manual_seed(request.seed)
-            rows.append(_Row(request, future, generator, length=n))
-            with self._stats_lock:
-                self._stats["rows"] += 1
-                self._stats["prefilled_tokens"] += n - reused
-        return rows, kvs, torch.cat(logits)
+        cache = DynamicCache()
+        for layer, (k, v) in enumerate(kv):
+            cache.update(k, v, layer)
+        n = len(ids)
+        out = self.model(input_ids=torch.tensor([ids[reused:]], device=self.device),
+                         attention_mask=torch.ones((1, n), dtype=torch.long, device=self.device),
+                         position_ids=torch.arange(reused, n, device=self.device)[None],
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        with self._stats_lock:
+            self._stats["prefilled_tokens"] += n - reused
+        return [(layer.keys, layer.values) for layer in out.past_key_values.layers], out.logits[:, -1, :]
+
+    def _prefill_prompts(self, prompts: list[tuple[int, ...]]):
+        """One forward over the prompts, left-padded: each prompt's KV (its own columns) and last logits."""
+        width = max(map(len, prompts))
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, ids in enumerate(prompts):
+            input_ids[i, width - len(ids):] = torch.tensor(ids)
+            mask[i, width - len(ids):] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                         use_cache=True, logits_to_keep=1)
+        with self._stats_lock:
+            self._stats["prefilled_tokens"] += sum(map(len, prompts))
+        layers = out.past_key_values.layers
+        return [([(layer.keys[i:i + 1, :, width - len(ids):], layer.values[i:i + 1, :, width - len(ids):])
+                  for layer in layers], out.logits[i:i + 1, -1, :]) for i, ids in enumerate(prompts)]
 
     def _merge(self, cache, mask, new_kv, lengths):
         """The batch cache with the new rows appended below, everything left-padded to one width."""
