@@ -13,6 +13,7 @@ counts only the tree. Peaks shorter than the interval can be missed; the interva
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from pathlib import Path
 
@@ -74,3 +75,19 @@ class TreeMemory:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             self.sample()
+
+
+def release_free_heap() -> None:
+    """Hands the heap's free pages back to the kernel (glibc ``malloc_trim``; elsewhere nothing happens).
+
+    glibc raises its mmap threshold as large blocks are freed, so a training step's activations of a few MB come
+    from the heap, and the pages they leave free stay with the process: a demo-shaped rank kept 2.4 GiB after
+    its steps for 1.2 GiB live. Calling this before a checkpoint save puts the save's own buffers on the live
+    memory instead of on top of the retained pages."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from mathtir.memory import release_free_heap
 from mathtir.recipes import ConfigError
 from mathtir.shards import PackedDataset
 from mathtir.train.batches import SampleStream, attention_mask_for
@@ -327,6 +328,7 @@ class Trainer:
     def save(self, step: int) -> None:
         from mathtir.megatron import checkpoint
 
+        release_free_heap()
         if self.cfg.model.overlap_param_gather:  # the step's updated params are gathered only by the next forward
             for chunk in self.model:
                 chunk.start_param_sync(force_sync=True)
