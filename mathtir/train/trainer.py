@@ -371,6 +371,7 @@ class Trainer:
         save_every = cfg.checkpoint.save_every_n_steps
         last_saved = self.start_step if self.resuming else None
         for step in range(self.start_step, s.total_steps):
+            release_free_heap()  # what the last step freed stays with the heap: a rank grew 1.3 -> 1.9 GB in 8 steps
             metrics = self.step(step)
             done = step + 1
             if done % cfg.trainer.log_every_n_steps == 0:
