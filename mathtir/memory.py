@@ -14,6 +14,7 @@ counts only the tree. Peaks shorter than the interval can be missed; the interva
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
 from pathlib import Path
 
@@ -84,10 +85,14 @@ def release_free_heap() -> None:
     from the heap, and the pages they leave free stay with the process: a demo-shaped rank kept 2.4 GiB after
     its steps for 1.2 GiB live. The trainer calls this before every step and before a checkpoint save, so each
     starts from the live memory instead of on top of the retained pages."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    trim = getattr(libc, "malloc_trim", None)
+    trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return getattr(ctypes.CDLL("libc.so.6"), "malloc_trim", None)
+    except OSError:
+        return None
