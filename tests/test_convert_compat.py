@@ -66,11 +66,12 @@ def _resume_worker(root: Path) -> None:
 
     def state(chunk, opt, loading):
         model_state = checkpoint.model_sharded_state_dict([chunk])
-        return {"model": model_state, "optimizer": opt.sharded_state_dict(
-            model_state, is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})}
+        return {"model": model_state,
+                "optimizer": checkpoint.optimizer_sharded_state_dict(opt, model_state, loading=loading)}
 
     chunk, ddp, opt = fresh()
     train(ddp, opt, batches[:2])
+    result = _compare_with_megatrons_gather(checkpoint, chunk, opt)
     checkpoint.save(root / "ckpt", 2, state(chunk, opt, False), spec=spec)
     uninterrupted = train(ddp, opt, batches[2:])
 
@@ -80,19 +81,51 @@ def _resume_worker(root: Path) -> None:
     opt.load_state_dict(loaded["optimizer"])
     inner = opt.optimizer.state.values()
     step_tensors = [s["step"] for s in inner]
-    result = {"steps": sorted({t.item() for t in step_tensors}), "distinct": len({id(t) for t in step_tensors}),
-              "params": len(step_tensors)}
+    result.update(steps=sorted({t.item() for t in step_tensors}), distinct=len({id(t) for t in step_tensors}),
+                  params=len(step_tensors))
     result["resumed"] = train(ddp, opt, batches[2:])
     result["uninterrupted"] = uninterrupted
     (root / "result.json").write_text(json.dumps(result))
     parallel.destroy()
 
 
+def _compare_with_megatrons_gather(checkpoint, chunk, opt) -> dict:
+    """The optimizer entry a rank alone in its data-parallel group saves, against megatron's own gathered one:
+    the same entries (metadata and values), and how many of ours are the optimizer's own tensors, not copies."""
+    import dataclasses
+
+    import torch
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    model_state = checkpoint.model_sharded_state_dict([chunk])
+    ours = checkpoint.optimizer_sharded_state_dict(opt, model_state, loading=False)
+    theirs = opt.sharded_state_dict(model_state, is_loading=False, metadata=checkpoint.OPTIMIZER_FORMAT)
+
+    def entries(state):
+        return {e.key: e for e in nested_values(state["param_state"])}
+
+    ours_entries, theirs_entries = entries(ours), entries(theirs)
+    differing = [key for key, e in ours_entries.items()
+                 if key not in theirs_entries or not torch.equal(e.data, theirs_entries[key].data)
+                 or {f.name: getattr(e, f.name) for f in dataclasses.fields(e) if f.name != "data"}
+                 != {f.name: getattr(theirs_entries[key], f.name) for f in dataclasses.fields(e) if f.name != "data"}]
+    own_storage = {t.untyped_storage().data_ptr() for group in opt.optimizer.param_groups for p in group["params"]
+                   for t in [p, *opt.optimizer.state[p].values()]}
+    return {"entries": len(ours_entries), "megatron_entries": len(theirs_entries), "differing": differing,
+            "same_top_level": {k: v for k, v in ours.items() if k != "param_state"}.keys()
+            == {k: v for k, v in theirs.items() if k != "param_state"}.keys(),
+            "own_tensors": sum(e.data.untyped_storage().data_ptr() in own_storage for e in ours_entries.values())}
+
+
 @pytest.mark.slow
 def test_distributed_optimizer_over_torch_adamw_resumes_exactly(tmp_path):
+    """Also: what a rank alone in its data-parallel group saves is megatron's gathered optimizer entry, entry
+    for entry, built on the optimizer's own tensors (no copy, mathtir.megatron.checkpoint)."""
     proc = subprocess.run([sys.executable, __file__, str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     r = json.loads((tmp_path / "result.json").read_text())
+    assert r["entries"] == r["megatron_entries"] > 0 and r["differing"] == [] and r["same_top_level"], r
+    assert r["own_tensors"] == r["entries"], r
     assert r["steps"] == [2.0]  # the loaded step, not 0 and not a shared counter
     assert r["distinct"] == r["params"] > 1  # one step tensor per param: torch AdamW increments each
     assert r["resumed"] == r["uninterrupted"], r

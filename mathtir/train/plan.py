@@ -20,12 +20,15 @@ What the trainer allocates, per rank of the heaviest pipeline stage:
   group's activations while it is recomputed. The first stage of a 1F1B pipeline holds PP micro-batches in
   flight (interleaved: more, megatron's warmup count), without a pipeline one micro-batch. The last stage adds
   the logits (fp32 in the vocab-parallel cross entropy, plus the output dtype's copy).
-- checkpoint save (transient, host memory): the optimizer state is saved fully reshardable, gathered onto
-  data-parallel rank 0 of each model-parallel group over gloo (fp32 weights and both moments), and
-  torch_dist's writer stages a copy of what it writes, besides the weights: SAVE_BYTES_PER_PARAM per
-  parameter of the rank (bench/train_memory.py measures it). On a CPU it comes on top of training's memory:
-  the activations are freed by then, but the allocator keeps their pages (measured: the save peak is the
-  steady training RSS plus the save). On a GPU node it is host RAM, printed but not counted against the GPU.
+- checkpoint save (transient, host memory): the optimizer state is saved fully reshardable. With data-parallel
+  ranks, it is gathered onto data-parallel rank 0 of each model-parallel group over gloo (fp32 weights and
+  both moments) and torch_dist's writer stages a copy of what it writes, besides the weights:
+  SAVE_BYTES_PER_PARAM per parameter of the rank. A rank alone in its data-parallel group writes the
+  optimizer's own tensors (mathtir.megatron.checkpoint); the writer stages only what are views into DDP's
+  parameter buffer: the weights, and with fp32 weights the main params that alias them. On a CPU the save
+  comes after the trainer handed the step's freed pages back (mathtir.memory.release_free_heap): weights,
+  gradients, optimizer state and overhead plus the save, when that exceeds training's peak. On a GPU node
+  it is host RAM, printed but not counted against the GPU. bench/train_memory.py measures both.
 - overhead: a fixed per-process amount (GPU: CUDA context, NCCL buffers, cuBLAS workspace; CPU: the Python
   process with torch and megatron imported) and a share for allocator fragmentation. Both are stated constants,
   calibrated on CPU against measured peaks (bench/train_memory.py); the GPU constants are estimates until a GPU
@@ -98,8 +101,9 @@ class StagePlan:
 
     @property
     def total(self) -> int:
-        """The device's peak: on a CPU the save's host memory is the same memory, on top of training's."""
-        return self.training if self.on_gpu else self.training + self.save
+        """The device's peak: on a CPU the save's host memory is the same memory as training's."""
+        return self.training if self.on_gpu else max(self.training,
+                                                     self.training - self.activations[self.configured] + self.save)
 
 
 def layout_from_recipe(cfg, *, world_size: int, on_gpu: bool) -> Layout:
@@ -175,8 +179,11 @@ def _stage(name: str, params: int, first: bool, last: bool, spec, L: Layout) -> 
     base = GPU_PROCESS_OVERHEAD if L.on_gpu else CPU_PROCESS_OVERHEAD
     share = GPU_FRAGMENTATION if L.on_gpu else CPU_FRAGMENTATION
     overhead = int(base + share * (weights + gradients + optimizer + activations[configured]))
-    return StagePlan(name, params, weights, gradients, optimizer, activations, configured, overhead,
-                     params * SAVE_BYTES_PER_PARAM, L.on_gpu)
+    if L.distributed_optimizer and L.dp == 1:  # the optimizer's own tensors; staged: views of the param buffer
+        save = params * (L.dtype_bytes + (4 if L.dtype_bytes == 4 else 0))
+    else:
+        save = params * SAVE_BYTES_PER_PARAM
+    return StagePlan(name, params, weights, gradients, optimizer, activations, configured, overhead, save, L.on_gpu)
 
 
 def _layer_activations(spec, L: Layout) -> tuple[int, int]:

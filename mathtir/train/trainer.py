@@ -274,11 +274,7 @@ class Trainer:
         state = {"model": model_state}
         if loading and not self.resuming:
             return state  # a new stage: weights only
-        # fully_reshardable: the optimizer state can be loaded at another TP/PP (dp_reshardable cannot);
-        # mem_efficient: gathered over gloo onto DP rank 0 only, not onto every rank (memory).
-        state["optimizer"] = self.optimizer.sharded_state_dict(model_state, is_loading=loading, metadata={
-            "distrib_optim_sharding_type": "fully_reshardable",
-            "distrib_optim_fully_reshardable_mem_efficient": True})
+        state["optimizer"] = checkpoint.optimizer_sharded_state_dict(self.optimizer, model_state, loading=loading)
         # Per-rank RNG streams only mean something for the layout that wrote them.
         if not loading or self.resumed_layout == self.layout:
             state["rng"] = _sharded_rng_state(mpu, tensor_parallel, self.dp_group)
