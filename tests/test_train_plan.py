@@ -11,6 +11,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,57 @@ def test_sbatch_check_refuses_on_a_gpu_node_and_never_blocks_a_cpu_run(model_8b,
     cpu = subprocess.run(["bash", "-c", script, "check", *too_big], cwd=REPO, capture_output=True, text=True,
                          env=env, timeout=120)
     assert cpu.returncode == 0 and "fit not checked" in cpu.stdout and "per CPU rank" in cpu.stdout, cpu.stderr
+
+
+def _saved_by_one_layer(out: Path) -> None:
+    """Bytes autograd keeps for backward from one layer of a real CPU model (megatron's local spec with SDPA,
+    fp32, a SmolLM2-like shape: 3:1 grouped-query heads, FFN 8/3 of hidden): the storages its saved tensors
+    live in, once each, weights aside."""
+    import torch
+
+    from mathtir.megatron import parallel
+    from mathtir.megatron.model import build_model
+
+    parallel.initialize(1, 1, seed=0)
+    config = {**LLAMA_8B, "hidden_size": 192, "intermediate_size": 512, "num_attention_heads": 6,
+              "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 512}
+    (out / "config.json").write_text(json.dumps(config))
+    (chunk,) = build_model(ModelSpec.from_dir(out), params_dtype=torch.float32, attention_backend="sdpa")
+    weights = {p.untyped_storage().data_ptr() for p in chunk.parameters()}
+    in_layer, saved = [False], {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if in_layer[0] and storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    layer = chunk.decoder.layers[0]
+    layer.register_forward_pre_hook(lambda *_: in_layer.__setitem__(0, True))
+    layer.register_forward_hook(lambda *_: in_layer.__setitem__(0, False))
+    seq = 256
+    tokens = torch.randint(0, config["vocab_size"], (1, seq))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        chunk(tokens, torch.arange(seq)[None], None, labels=tokens)
+    (out / "result.json").write_text(json.dumps({"saved": sum(saved.values()), "seq": seq}))
+    parallel.destroy()
+
+
+def test_a_cpu_layer_keeps_what_the_plan_counts(tmp_path):
+    """The activation count for a layer without fused kernels (a CPU run) is what autograd really keeps from
+    one layer, byte for byte."""
+    proc = subprocess.run([sys.executable, __file__, str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads((tmp_path / "result.json").read_text())
+    spec = ModelSpec.from_dir(tmp_path)
+    layout = plan.Layout(tp=1, pp=1, vp=None, dp=1, micro_batch=1, global_batch=1, seq_length=r["seq"],
+                         sequence_parallel=False, distributed_optimizer=True, dtype_bytes=4, on_gpu=False,
+                         fused_attention=True, te_layers=False, fused_swiglu=False, recompute_granularity=None,
+                         recompute_method="uniform", recompute_num_layers=1, hidden_dropout=False,
+                         attention_dropout=False)
+    planned, _ = plan._layer_activations(spec, layout)
+    assert planned == r["saved"]
+
+
+if __name__ == "__main__":
+    _saved_by_one_layer(Path(sys.argv[1]))

@@ -19,7 +19,11 @@ What the trainer allocates, per rank of the heaviest pipeline stage:
   recomputes core attention (the s x s term goes); full recompute keeps each recompute group's input plus one
   group's activations while it is recomputed. The first stage of a 1F1B pipeline holds PP micro-batches in
   flight (interleaved: more, megatron's warmup count), without a pipeline one micro-batch. The last stage adds
-  the logits (fp32 in the vocab-parallel cross entropy, plus the output dtype's copy).
+  the logits (fp32 in the vocab-parallel cross entropy, plus the output dtype's copy). Those counts are
+  fused kernels'; unfused ops keep more (counted from the tensors autograd saves in a CPU layer): outside
+  Transformer Engine's layer spec each RMSNorm its output and an fp32 statistic per token too, RoPE its
+  rotated Q and K and the cos/sin tables for each; without megatron's bias-SwiGLU kernel, SwiGLU two more
+  FFN-wide tensors.
 - checkpoint save (transient, host memory): the optimizer state is saved fully reshardable. With data-parallel
   ranks, it is gathered onto data-parallel rank 0 of each model-parallel group over gloo (fp32 weights and
   both moments) and torch_dist's writer stages a copy of what it writes, besides the weights:
@@ -69,6 +73,8 @@ class Layout:
     dtype_bytes: int  # 2 for bf16-mixed on GPUs, 4 for fp32
     on_gpu: bool
     fused_attention: bool
+    te_layers: bool  # Transformer Engine's layer spec: norms fused into the linears after them, RoPE fused
+    fused_swiglu: bool  # megatron's bias-SwiGLU kernel (GPUs, model.fused_kernels)
     recompute_granularity: str | None
     recompute_method: str | None
     recompute_num_layers: int | None
@@ -129,7 +135,8 @@ def layout_from_recipe(cfg, *, world_size: int, on_gpu: bool) -> Layout:
                   sequence_parallel=bool(m.sequence_parallel) and tp > 1,
                   distributed_optimizer=bool(cfg.optim.use_distributed_optimizer),
                   dtype_bytes=2 if on_gpu and cfg.trainer.precision == "bf16-mixed" else 4, on_gpu=on_gpu,
-                  fused_attention=backend != "local", recompute_granularity=granularity,
+                  fused_attention=backend != "local", te_layers=backend == "te",
+                  fused_swiglu=on_gpu and bool(m.get("fused_kernels", True)), recompute_granularity=granularity,
                   recompute_method=method or "uniform",
                   recompute_num_layers=m.get("recompute_num_layers") or 1,
                   hidden_dropout=m.hidden_dropout > 0, attention_dropout=m.attention_dropout > 0)
@@ -194,8 +201,16 @@ def _layer_activations(spec, L: Layout) -> tuple[int, int]:
     if L.sequence_parallel:
         replicated //= L.tp
     split = s * b * (q + 2 * kv + q + 3 * f) * e // L.tp
+    rope_tables = 0
+    if not L.te_layers:  # unfused, as measured on CPU: each torch RMSNorm keeps its output besides its input
+        # and an fp32 statistic per token, RoPE its rotated copies of Q and K and its cos/sin tables for each
+        replicated += (2 * s * b * h * e + 2 * s * b * 4) // (L.tp if L.sequence_parallel else 1)
+        split += s * b * (q + kv) * e // L.tp
+        rope_tables = 2 * 2 * s * spec.head_dim * 4
+    if not L.fused_swiglu:  # the unfused SwiGLU keeps SiLU's output and its product's other factor
+        split += 2 * s * b * f * e // L.tp
     layer_input = s * b * h * e // (L.tp if L.sequence_parallel else 1)
-    return replicated + split + _core_attention_bytes(spec, L), layer_input
+    return replicated + split + rope_tables + _core_attention_bytes(spec, L), layer_input
 
 
 def _core_attention_bytes(spec, L: Layout) -> int:
