@@ -282,9 +282,10 @@ class HFSampler:
                         cache = mask = None
                         continue
                     index = torch.tensor(keep, device=self.device)
-                    cache.batch_select_indices(index)
                     mask, tokens = mask[index], tokens[index]
+                    # the columns no remaining row uses go first: the row selection then copies none of them
                     cache, mask = _trim_left(cache, mask)
+                    cache.batch_select_indices(index)
                 next_tokens = tokens
         except Exception as e:  # every row of this batch fails with the error; later requests start afresh
             for future in [r.future for r in rows] + [f for _, f in arrivals]:
@@ -354,25 +355,26 @@ class HFSampler:
                   for layer in layers], out.logits[i:i + 1, -1, :]) for i, ids in enumerate(prompts)]
 
     def _merge(self, cache, mask, new_kv, lengths):
-        """The batch cache with the new rows appended below, everything left-padded to one width."""
-        from transformers import DynamicCache
+        """The batch cache with the new rows appended below, everything left-padded to one width, in buffers
+        with spare columns that the decode steps write into (``KVBufferLayer``)."""
+        from transformers import Cache
+
+        from mathtir.eval.samplers.kv_buffer import KVBufferLayer
 
         old_width = mask.shape[1] if mask is not None else 0
         width = max([old_width, *lengths])
         new_mask = torch.zeros((len(lengths), width), dtype=torch.long, device=self.device)
         for i, n in enumerate(lengths):
             new_mask[i, width - n:] = 1
-        merged = DynamicCache()
+        layers = []
         for layer in range(len(new_kv[0])):
-            keys = [_pad_left(kv[layer][0], width) for kv in new_kv]
-            values = [_pad_left(kv[layer][1], width) for kv in new_kv]
+            parts = [kv[layer] for kv in new_kv]
             if cache is not None:
-                keys.insert(0, _pad_left(cache.layers[layer].keys, width))
-                values.insert(0, _pad_left(cache.layers[layer].values, width))
-            merged.update(torch.cat(keys), torch.cat(values), layer)
+                parts.insert(0, (cache.layers[layer].keys, cache.layers[layer].values))
+            layers.append(KVBufferLayer.left_padded(parts, width))
         if mask is not None:
             new_mask = torch.cat([torch.nn.functional.pad(mask, (width - old_width, 0)), new_mask])
-        return merged, new_mask
+        return Cache(layers=layers), new_mask
 
     @staticmethod
     def _row_kv(cache, j: int, length: int):
@@ -404,11 +406,6 @@ class HFSampler:
         return stats
 
 
-def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    missing = width - tensor.shape[-2]
-    return torch.nn.functional.pad(tensor, (0, 0, missing, 0)) if missing else tensor
-
-
 def _trim_left(cache, mask):
     """Drops leading columns that no remaining row uses (rows with long prompts left)."""
     used = mask.any(0).nonzero()
@@ -416,7 +413,7 @@ def _trim_left(cache, mask):
     if first == 0:
         return cache, mask
     for layer in cache.layers:
-        layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+        layer.drop_leading(first)
     return cache, mask[:, first:]
 
 
