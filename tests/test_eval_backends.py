@@ -312,6 +312,33 @@ def test_hf_stopped_trajectory_keeps_its_kv_and_the_next_round_prefills_only_the
     assert second.token_ids == asyncio.run(fresh.generate(_request(second_prompt, n=10))).token_ids
 
 
+def test_hf_decode_steps_write_the_kv_in_place_and_draw_plain_greedy_tokens(tiny_llama_dir):
+    """A decode step writes its KV column into the batch cache's spare columns: the cache stays where it is
+    (transformers' DynamicCache concatenated, a copy of the whole cache per step and layer), and the greedy tokens
+    are model.generate's."""
+    from mathtir.eval.samplers.hf import HFSampler
+
+    sampler = HFSampler(tiny_llama_dir, max_batch_size=8, num_threads=1)
+    storages = []
+    forward = sampler.model.forward
+
+    def recording(**kw):
+        out = forward(**kw)
+        if kw["input_ids"].shape[1] == 1:  # a decode step, on the batch cache
+            storages.append([layer.keys.untyped_storage().data_ptr() for layer in kw["past_key_values"].layers])
+        return out
+
+    sampler.model.forward = recording
+    prompt = list(range(100, 110))
+    generation = asyncio.run(sampler.generate(_request(prompt, n=40)))
+    del sampler.model.forward
+    reference = sampler.model.generate(torch.tensor([prompt]), attention_mask=torch.ones((1, len(prompt))),
+                                       max_new_tokens=40, do_sample=False)[0, len(prompt):].tolist()
+    assert len(storages) == len(generation.token_ids) - 1 >= 20  # the row decoded long enough to tell
+    assert all(step == storages[0] for step in storages)
+    assert generation.token_ids == reference[:len(generation.token_ids)]
+
+
 def test_hf_prompts_arriving_together_are_prefilled_once_each_in_one_forward(tiny_llama_dir):
     """A problem's samples share their prompt: it is computed once, whatever the number of samples."""
     from mathtir.eval.samplers.hf import HFSampler
