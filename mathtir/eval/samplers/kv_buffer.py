@@ -15,10 +15,10 @@ from transformers.cache_utils import DynamicLayer
 _MIN_SPARE = 64
 
 
-def _zeros_with_room(like: torch.Tensor, rows: int, width: int) -> torch.Tensor:
-    """[rows, heads, capacity, dim] zeros with room for `width` columns and half as many again. Zeros, not empty:
-    left padding is masked out, yet a NaN from uninitialized memory would still reach attention's weighted sum."""
-    return like.new_zeros(rows, like.shape[1], width + max(width // 2, _MIN_SPARE), like.shape[3])
+def _with_room(like: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+    """An uninitialized [rows, heads, capacity, dim] buffer with room for `width` columns and half as many again:
+    a column is written before the views reach it."""
+    return like.new_empty(rows, like.shape[1], width + max(width // 2, _MIN_SPARE), like.shape[3])
 
 
 class KVBufferLayer(DynamicLayer):
@@ -37,14 +37,17 @@ class KVBufferLayer(DynamicLayer):
     @classmethod
     def left_padded(cls, parts: list[tuple[torch.Tensor, torch.Tensor]], width: int) -> KVBufferLayer:
         """The rows of `parts` ((keys, values) [rows, heads, w, dim] each) one below the other, each right-aligned
-        in `width` columns."""
+        in `width` columns. The padding is zeros: masked out, yet a NaN left there from uninitialized memory would
+        still reach attention's weighted sum."""
         rows = sum(keys.shape[0] for keys, _ in parts)
-        buffers = tuple(_zeros_with_room(tensor, rows, width) for tensor in parts[0])
+        buffers = tuple(_with_room(tensor, rows, width) for tensor in parts[0])
         start = 0
         for pair in parts:
             end = start + pair[0].shape[0]
             for buffer, tensor in zip(buffers, pair, strict=True):
-                buffer[start:end, :, width - tensor.shape[-2]:width] = tensor
+                padding = width - tensor.shape[-2]
+                buffer[start:end, :, :padding].zero_()
+                buffer[start:end, :, padding:width] = tensor
             start = end
         return cls(*buffers, width)
 
@@ -55,7 +58,7 @@ class KVBufferLayer(DynamicLayer):
         width = self.keys.shape[-2]
         end = width + key_states.shape[-2]
         if end > self._buffers[0].shape[-2]:
-            grown = tuple(_zeros_with_room(buffer, buffer.shape[0], end) for buffer in self._buffers)
+            grown = tuple(_with_room(buffer, buffer.shape[0], end) for buffer in self._buffers)
             for new, old in zip(grown, (self.keys, self.values), strict=True):
                 new[:, :, :width] = old
             self._buffers = grown
@@ -65,11 +68,17 @@ class KVBufferLayer(DynamicLayer):
         return self.keys, self.values
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        # DynamicLayer's selects from the views, leaving behind the buffers `update` writes into
-        self._buffers = tuple(buffer[indices] for buffer in self._buffers)
-        self._fill(self.keys.shape[-2])
+        """Keeps the rows at `indices`, moved up in place (DynamicLayer's would select from the views, leaving behind
+        the buffers `update` writes into). Rows that stay where they are (those above the first departure) are not
+        copied, the others only in their filled columns, and no new buffer is allocated."""
+        width, rows = self.keys.shape[-2], indices.tolist()
+        stay = next((new for new, old in enumerate(rows) if new != old), len(rows))
+        for buffer in self._buffers:
+            buffer[stay:len(rows), :, :width] = buffer[indices[stay:], :, :width]
+        self._buffers = tuple(buffer[:len(rows)] for buffer in self._buffers)
+        self._fill(width)
 
     def drop_leading(self, columns: int) -> None:
-        """Forgets the first columns. A view, no copy: the next row selection or growth copies only the rest."""
+        """Forgets the first columns: a view, no copy (their memory goes at the next merge or growth)."""
         self._buffers = tuple(buffer[:, :, columns:] for buffer in self._buffers)
         self._fill(self.keys.shape[-2] - columns)
