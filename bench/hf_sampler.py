@@ -79,8 +79,8 @@ class StaticBatchingSampler(HFSampler):
         cache = None
         while rows:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
+                             use_cache=True, logits_to_keep=1, **{self.cache_key: cache})
+            cache = out[self.cache_key]
             next_tokens = self._sample_per_row(out.logits[:, -1, :], [requests[i] for i in rows],
                                                [generators[i] for i in rows])
             self._stats["generated_tokens"] += len(rows)

@@ -325,7 +325,7 @@ def test_hf_decode_steps_write_the_kv_in_place_and_draw_plain_greedy_tokens(tiny
     def recording(**kw):
         out = forward(**kw)
         if kw["input_ids"].shape[1] == 1:  # a decode step, on the batch cache
-            storages.append([layer.keys.untyped_storage().data_ptr() for layer in kw["past_key_values"].layers])
+            storages.append([layer.keys.untyped_storage().data_ptr() for layer in kw[sampler.cache_key].layers])
         return out
 
     sampler.model.forward = recording
@@ -337,6 +337,20 @@ def test_hf_decode_steps_write_the_kv_in_place_and_draw_plain_greedy_tokens(tiny
     assert len(storages) == len(generation.token_ids) - 1 >= 20  # the row decoded long enough to tell
     assert all(step == storages[0] for step in storages)
     assert generation.token_ids == reference[:len(generation.token_ids)]
+
+
+def test_hf_sampler_passes_the_cache_under_the_name_the_installed_transformers_takes(tiny_llama_dir, recwarn):
+    """transformers 5 renamed `past_key_values` to `cache` and warns that the old name goes in 5.40; 4.x (the
+    serving images) knows only the old one. The sampler uses whichever the model's forward declares."""
+    import inspect
+
+    from mathtir.eval.samplers.hf import HFSampler
+
+    sampler = HFSampler(tiny_llama_dir, max_batch_size=8, num_threads=1)
+    assert sampler.cache_key in inspect.signature(sampler.model.forward).parameters
+    generation = asyncio.run(sampler.generate(_request(list(range(100, 110)), n=8)))
+    assert generation.num_tokens > 1  # decode steps ran on the cache
+    assert not [w for w in recwarn if "past_key_values" in str(w.message)]
 
 
 def test_hf_prompts_arriving_together_are_prefilled_once_each_in_one_forward(tiny_llama_dir):

@@ -20,6 +20,7 @@ from its own generator, so seeds stay per row.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 import time
 from collections import OrderedDict
@@ -152,6 +153,9 @@ class HFSampler:
             torch_dtype = getattr(torch, dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(self.device).eval()
+        # transformers 5 renamed the forward's `past_key_values` argument and output to `cache` (the old name is
+        # deprecated, to go in 5.40); serving images pin 4.x, which knows only the old one
+        self.cache_key = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.eos_ids = self._eos_ids()
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
@@ -246,8 +250,8 @@ class HFSampler:
                     positions = torch.tensor([[r.length] for r in rows], device=self.device)
                     mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
                     out = self.model(input_ids=next_tokens[:, None], attention_mask=mask, position_ids=positions,
-                                     past_key_values=cache, use_cache=True, logits_to_keep=1)
-                    cache = out.past_key_values
+                                     use_cache=True, logits_to_keep=1, **{self.cache_key: cache})
+                    cache = out[self.cache_key]
                     logits.append(out.logits[:, -1, :])
                     for r in rows:
                         r.length += 1
@@ -332,10 +336,10 @@ class HFSampler:
         out = self.model(input_ids=torch.tensor([ids[reused:]], device=self.device),
                          attention_mask=torch.ones((1, n), dtype=torch.long, device=self.device),
                          position_ids=torch.arange(reused, n, device=self.device)[None],
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+                         use_cache=True, logits_to_keep=1, **{self.cache_key: cache})
         with self._stats_lock:
             self._stats["prefilled_tokens"] += n - reused
-        return [(layer.keys, layer.values) for layer in out.past_key_values.layers], out.logits[:, -1, :]
+        return [(layer.keys, layer.values) for layer in out[self.cache_key].layers], out.logits[:, -1, :]
 
     def _prefill_prompts(self, prompts: list[tuple[int, ...]]):
         """One forward over the prompts, left-padded: each prompt's KV (its own columns) and last logits."""
@@ -350,7 +354,7 @@ class HFSampler:
                          use_cache=True, logits_to_keep=1)
         with self._stats_lock:
             self._stats["prefilled_tokens"] += sum(map(len, prompts))
-        layers = out.past_key_values.layers
+        layers = out[self.cache_key].layers
         return [([(layer.keys[i:i + 1, :, width - len(ids):], layer.values[i:i + 1, :, width - len(ids):])
                   for layer in layers], out.logits[i:i + 1, -1, :]) for i, ids in enumerate(prompts)]
 
