@@ -198,11 +198,11 @@ def test_a_cpu_layer_keeps_what_the_plan_counts(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     r = json.loads((tmp_path / "result.json").read_text())
     spec = ModelSpec.from_dir(tmp_path)
-    layout = plan.Layout(tp=1, pp=1, vp=None, dp=1, micro_batch=1, global_batch=1, seq_length=r["seq"],
-                         sequence_parallel=False, distributed_optimizer=True, dtype_bytes=4, on_gpu=False,
-                         fused_attention=True, te_layers=False, fused_swiglu=False, recompute_granularity=None,
-                         recompute_method="uniform", recompute_num_layers=1, hidden_dropout=False,
-                         attention_dropout=False)
+    # the layout a CPU run of the stage 1 recipe gets, at the worker's shape: one rank, one sequence, SDPA
+    cfg = load_recipe(STAGE1, ["model.tensor_model_parallel_size=1", "model.sequence_parallel=false",
+                               "model.attention_backend=sdpa", f"data.seq_length={r['seq']}"])
+    layout = plan.layout_from_recipe(cfg, world_size=1, on_gpu=False)
+    assert layout.micro_batch == 1 and not (layout.te_layers or layout.fused_swiglu)
     planned, _ = plan._layer_activations(spec, layout)
     assert planned == r["saved"]
 
