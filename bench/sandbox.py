@@ -11,7 +11,10 @@ local_sandbox_server.py` and an interpreter with flask, ipython, psutil and symp
 does across a trajectory's blocks) and a new session per snippet.
 
 For a trivial snippet and a typical TIR snippet (sympy solve): p50/p99 latency of sequential calls, and
-throughput with `workers` concurrent callers. Targets (issue 16, with every isolation measure on): sympy
+throughput with `workers` concurrent callers. For a 5-block sympy trajectory (each block using the state of the
+earlier ones): per-block latency and blocks/s with `workers` trajectories at a time, the pool keeping each
+trajectory's interpreter (warm) and replaying its history instead, against a fresh `python -c` that re-runs
+the trajectory so far and NeMo-Skills' IPython session per trajectory. Targets (issue 16, with every isolation measure on): sympy
 throughput >= 30x the fresh-process baseline; trivial p50 <= 8 ms. Ratios are printed at the end, with the load average: on a shared machine
 absolute latencies follow the load, the ratios much less.
 """
@@ -43,6 +46,14 @@ SNIPPETS = {
     "trivial": "print(2 + 3)",
     "sympy": "import sympy as sp\nx = sp.Symbol('x')\nprint(sp.solve(x**3 - 6*x**2 + 11*x - 6, x))",
 }
+# A TIR trajectory: five blocks, each building on the state the earlier ones left (as a model's do).
+TRAJECTORY = (
+    "import sympy as sp\nx = sp.Symbol('x')\nf = x**3 - 6*x**2 + 11*x - 6\nroots = sp.solve(f, x)\nprint(roots)",
+    "print(sp.factor(f), sum(r**2 for r in roots))",
+    "g = sp.diff(f, x)\ncritical = sp.solve(g, x)\nprint(critical, [f.subs(x, c).simplify() for c in critical])",
+    "area = sp.integrate(f, (x, 1, 3))\nprint(area)",
+    "from fractions import Fraction\nprint(Fraction(str(area)) + sum(Fraction(int(r)) for r in roots))",
+)
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -64,6 +75,57 @@ def measure(call, runs: int, concurrency: int) -> dict:
     elapsed = time.perf_counter() - t0
     return {"p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
             "mean": statistics.fmean(latencies), "per_s": runs / elapsed}
+
+
+def trajectory_measure(run_block, trajectories: int, concurrency: int) -> dict:
+    """`trajectories` runs of TRAJECTORY, `concurrency` at a time; run_block(code, history, session) runs one
+    block. Per-block latency percentiles, and blocks per second."""
+    latencies: list[float] = []
+
+    def one(_):
+        session = uuid.uuid4().hex
+        for i, block in enumerate(TRAJECTORY):
+            t0 = time.perf_counter()
+            run_block(block, list(TRAJECTORY[:i]), session)
+            latencies.append((time.perf_counter() - t0) * 1000)
+
+    one(None)  # warm-up
+    latencies.clear()
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as ex:
+        list(ex.map(one, range(trajectories)))
+    elapsed = time.perf_counter() - t0
+    return {"p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
+            "mean": statistics.fmean(latencies), "per_s": trajectories * len(TRAJECTORY) / elapsed}
+
+
+def pool_block(pool: SandboxPool):
+    def run_block(code, history, session):
+        result = pool.run(code, timeout=30, history=history)
+        if result.status != "ok":
+            raise RuntimeError(f"sandbox run failed: {result}")
+    return run_block
+
+
+def fresh_process_block(code, history, session):
+    """The stateless baseline: a new interpreter re-runs the trajectory so far, then the block."""
+    subprocess.run([sys.executable, "-c", "\n".join([*history, code])], check=True, capture_output=True)
+
+
+def in_process_block():
+    """exec in this process, a namespace per trajectory; sympy's cache cleared when a trajectory starts (a
+    sandbox child starts from the fork server's), kept across its blocks (as a kept interpreter keeps it)."""
+    import sympy
+
+    namespaces: dict[str, dict] = {}
+
+    def run_block(code, history, session):
+        if not history:
+            sympy.core.cache.clear_cache()
+            namespaces[session] = {"__name__": "__main__"}
+        with contextlib.redirect_stdout(io.StringIO()):
+            exec(compile(code, "<cell>", "exec"), namespaces[session])
+    return run_block
 
 
 def pool_call(pool: SandboxPool, code: str):
@@ -123,6 +185,26 @@ def nemo_skills_server(server_py: str, python: str):
         log.close()
 
 
+def nemo_skills_execute(url: str, code: str, session: str) -> None:
+    body = json.dumps({"generated_code": code, "timeout": 30, "language": "ipython"}).encode()
+    request = urllib.request.Request(f"{url}/execute", data=body, headers={
+        "Content-Type": "application/json", "X-Session-ID": session})
+    with urllib.request.urlopen(request, timeout=60) as resp:
+        result = json.load(resp)
+    if result.get("process_status") != "completed":
+        raise RuntimeError(f"NeMo-Skills sandbox run failed: {result}")
+
+
+def nemo_skills_block(url: str):
+    """A trajectory's blocks in one IPython session of its own, deleted after the last block."""
+    def run_block(code, history, session):
+        nemo_skills_execute(url, code, session)
+        if len(history) == len(TRAJECTORY) - 1:
+            urllib.request.urlopen(urllib.request.Request(f"{url}/sessions/{session}", method="DELETE"),
+                                   timeout=30).read()
+    return run_block
+
+
 def nemo_skills_call(url: str, code: str, *, warm: bool):
     """One snippet through /execute in an IPython session: the calling thread's own session when warm, else a
     new session, deleted after the call (as a new trajectory would start one)."""
@@ -132,13 +214,7 @@ def nemo_skills_call(url: str, code: str, *, warm: bool):
         if warm and not hasattr(own, "session"):
             own.session = uuid.uuid4().hex
         session = own.session if warm else uuid.uuid4().hex
-        body = json.dumps({"generated_code": code, "timeout": 30, "language": "ipython"}).encode()
-        request = urllib.request.Request(f"{url}/execute", data=body, headers={
-            "Content-Type": "application/json", "X-Session-ID": session})
-        with urllib.request.urlopen(request, timeout=60) as resp:
-            result = json.load(resp)
-        if result.get("process_status") != "completed":
-            raise RuntimeError(f"NeMo-Skills sandbox run failed: {result}")
+        nemo_skills_execute(url, code, session)
         if not warm:
             urllib.request.urlopen(urllib.request.Request(f"{url}/sessions/{session}", method="DELETE"),
                                    timeout=30).read()
@@ -154,6 +230,8 @@ def main() -> None:
     parser.add_argument("--nemo-skills-python", default=sys.executable,
                         help="interpreter for it (flask, ipython, psutil, sympy)")
     parser.add_argument("--nemo-skills-new-runs", type=int, default=8, help="calls per new-session measurement")
+    parser.add_argument("--trajectories", type=int, default=20, help="trajectories per pool|NeMo-Skills measurement")
+    parser.add_argument("--fresh-trajectories", type=int, default=2, help="trajectories per fresh-process measurement")
     args = parser.parse_args()
 
     rows: dict[tuple[str, str], dict] = {}
@@ -164,6 +242,12 @@ def main() -> None:
               f"({'DEGRADED' if pool.degraded else 'bwrap + seccomp + rlimits'})", flush=True)
         for name, code in SNIPPETS.items():
             rows["pool", name] = measure(pool_call(pool, code), args.runs, args.workers)
+        rows["pool", "5-block"] = trajectory_measure(pool_block(pool), args.trajectories, args.workers)
+    with SandboxPool(args.workers, warm_trajectories=0) as pool:
+        rows["pool, replay", "5-block"] = trajectory_measure(pool_block(pool), args.trajectories, args.workers)
+    rows["fresh python -c", "5-block"] = trajectory_measure(fresh_process_block, args.fresh_trajectories,
+                                                            args.workers)
+    rows["in-process exec", "5-block"] = trajectory_measure(in_process_block(), args.trajectories, 1)
     for name, code in SNIPPETS.items():
         rows["fresh python -c", name] = measure(fresh_process_call(code), args.fresh_runs, args.workers)
         # exec holds the GIL: more threads would not add throughput, so the floor is single-threaded.
@@ -175,6 +259,8 @@ def main() -> None:
                                                          args.workers)
                 rows["NeMo-Skills new", name] = measure(nemo_skills_call(url, code, warm=False),
                                                         args.nemo_skills_new_runs, args.workers)
+            rows["NeMo-Skills", "5-block"] = trajectory_measure(nemo_skills_block(url), args.trajectories,
+                                                                 args.workers)
 
     print(f"load average after: {os.getloadavg()[0]:.1f}")
     print(f"\n{'method':<18}{'snippet':<9}{'p50 ms':>9}{'p99 ms':>9}{'runs/s':>9}")
@@ -191,6 +277,11 @@ def main() -> None:
             print(f"{name}: pool / NeMo-Skills warm session: throughput {pool_row['per_s'] / warm['per_s']:.2f}x, "
                   f"p50 {pool_row['p50']:.2f} vs {warm['p50']:.2f} ms; / new session: throughput "
                   f"{pool_row['per_s'] / rows['NeMo-Skills new', name]['per_s']:.1f}x")
+    blocks = {method: row["per_s"] for (method, name), row in rows.items() if name == "5-block"}
+    print(f"5-block trajectories (blocks/s): pool = {blocks['pool'] / blocks['fresh python -c']:.1f}x fresh "
+          f"process (re-running the trajectory), {blocks['pool'] / blocks['pool, replay']:.2f}x the pool replaying"
+          + (f", {blocks['pool'] / blocks['NeMo-Skills']:.2f}x a NeMo-Skills session" if "NeMo-Skills" in blocks
+             else "") + f"; in-process exec on one core (the floor, no isolation): {blocks['in-process exec']:.1f}")
     sympy_ratio = rows["pool", "sympy"]["per_s"] / rows["fresh python -c", "sympy"]["per_s"]
     trivial_p50 = rows["pool", "trivial"]["p50"]
     print(f"targets: sympy throughput >= {SYMPY_TARGET:g}x fresh: {sympy_ratio:.1f}x "

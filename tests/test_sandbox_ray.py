@@ -51,6 +51,28 @@ def test_actors_run_snippets_under_one_shared_cap(local_ray):
     assert sandboxed.status == "error" and "PermissionError" in sandboxed.error
 
 
+def test_the_executor_sends_a_trajectory_back_to_the_actor_that_kept_it(local_ray):
+    from mathtir.eval.execution import SandboxActorExecutor
+    from mathtir.sandbox.ray_actor import SandboxActor
+
+    actors = [SandboxActor.remote(workers=1, memory_mb=256) for _ in range(2)]
+    ray.get([a.ready.remote() for a in actors], timeout=120)
+    executor = SandboxActorExecutor(actors, timeout=10)
+
+    async def trajectory(k: int) -> list:
+        blocks = [f"v{k} = {k}", f"v{k} += 1", f"print(v{k})"]
+        return [await executor.run(block, blocks[:i]) for i, block in enumerate(blocks)]
+
+    async def main():
+        return await asyncio.gather(*(trajectory(k) for k in range(4)))
+
+    for k, results in enumerate(asyncio.run(main())):
+        assert results[-1].stdout == f"{k + 1}\n"
+        assert [r.warm for r in results] == [False, True, True], k
+    for actor in actors:
+        ray.kill(actor)
+
+
 def test_cap_lease_of_a_dead_sampler_expires(local_ray):
     from mathtir.sandbox.ray_actor import get_concurrency_cap
 

@@ -1,10 +1,11 @@
 """Ray actors of the evaluation job: one pool type for sampler replicas and sandbox actors alike, the actor
 that hosts a sampler of any backend on a GPU (or CPU) node, and where sampler replicas are placed.
 
-`ActorPool.call` sends each call to the least loaded actor. Actors are started with max_restarts, so Ray
-brings a crashed one back; a call it was serving is sent again after a back-off. That is safe for both kinds:
-a generation request carries its seed (the retry samples the same tokens) and code execution is stateless (a
-trajectory's earlier blocks are replayed each time). A lost actor costs time, never a sample.
+`ActorPool.call` sends each call to the least loaded actor, or to the one the caller prefers (a sandbox actor
+that keeps the trajectory's interpreter). Actors are started with max_restarts, so Ray brings a crashed one
+back; a call it was serving is sent again after a back-off. That is safe for both kinds: a generation request
+carries its seed (the retry samples the same tokens) and code execution needs no actor's state (an actor that
+does not keep the trajectory's interpreter replays its earlier blocks). A lost actor costs time, never a sample.
 """
 
 from __future__ import annotations
@@ -30,17 +31,24 @@ class ActorPool:
         self.busy_s = 0.0
 
     async def call(self, method: str, *args, **kwargs):
+        return (await self.call_at(None, method, *args, **kwargs))[1]
+
+    async def call_at(self, prefer: int | None, method: str, *args, **kwargs) -> tuple[int, object]:
+        """(index of the actor that answered, its answer); the first attempt goes to actor `prefer` if given."""
         import ray
 
         for attempt in range(1, self.max_attempts + 1):
-            index = min(range(len(self.actors)), key=self._in_flight.__getitem__)
+            if prefer is not None and attempt == 1:
+                index = prefer
+            else:
+                index = min(range(len(self.actors)), key=self._in_flight.__getitem__)
             self._in_flight[index] += 1
             started = time.perf_counter()
             try:
                 result = await getattr(self.actors[index], method).remote(*args, **kwargs)
                 self.calls += 1
                 self.busy_s += time.perf_counter() - started
-                return result
+                return index, result
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
                 # The actor died (or is restarting): Ray brings it back; send the call again.
                 self.actor_failures += 1

@@ -8,9 +8,10 @@ again on a live one.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 
 from mathtir.eval.actors import ActorPool
-from mathtir.sandbox import ExecResult, SandboxPool
+from mathtir.sandbox import ExecResult, SandboxPool, history_digest
 
 log = logging.getLogger(__name__)
 
@@ -31,20 +32,29 @@ class PoolExecutor:
 
 class SandboxActorExecutor:
     """Snippets spread over SandboxActor replicas (mathtir.eval.actors.ActorPool), each execution holding a lease
-    of the job's concurrency cap while it runs."""
+    of the job's concurrency cap while it runs. A trajectory's next block goes to the actor that kept its
+    interpreter (ExecResult.kept), where it runs warm instead of replaying the history."""
 
-    def __init__(self, actors: list, *, timeout: float, cap=None, max_attempts: int = 6):
+    def __init__(self, actors: list, *, timeout: float, cap=None, max_attempts: int = 6, holders: int = 65536):
         self.pool = ActorPool(actors, name="sandbox", max_attempts=max_attempts, max_backoff_s=10.0)
         self.timeout = timeout
         self.cap = cap  # mathtir.sandbox.ray_actor.ConcurrencyCap: executions in flight across the job
+        self.holders: OrderedDict[str, int] = OrderedDict()  # history_digest -> actor index; oldest first
+        self.max_holders = holders
 
     async def run(self, code: str, history: list[str]) -> ExecResult:
+        prefer = self.holders.pop(history_digest(history), None) if history else None
         lease = await self.cap.acquire.remote() if self.cap is not None else None
         try:
-            return await self.pool.call("run", code, timeout=self.timeout, history=history)
+            index, result = await self.pool.call_at(prefer, "run", code, timeout=self.timeout, history=history)
         finally:
             if lease is not None:
                 await self.cap.release.remote(lease)
+        if result.kept:
+            self.holders[history_digest([*history, code])] = index
+            while len(self.holders) > self.max_holders:
+                self.holders.popitem(last=False)
+        return result
 
     def stats(self) -> dict:
         import ray

@@ -1,7 +1,8 @@
 """The tool-integrated-reasoning loop for one sample: generate, execute each closed code block, feed back.
 
     generate until a code block closes (the dialect's stop strings)
-    -> execute it in the sandbox, the trajectory's earlier blocks replayed first (notebook-like state)
+    -> execute it in the sandbox, in the state the trajectory's earlier blocks left (notebook-like: the
+       interpreter the sandbox kept for it, or the earlier blocks replayed first)
     -> append the formatted output block (and, optionally, a remaining-executions notice)
     -> continue; after the last allowed execution one text-only round (no stop strings), then done.
 

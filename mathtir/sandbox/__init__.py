@@ -4,7 +4,8 @@
     with SandboxPool(workers=4) as pool:
         result = pool.run(code, timeout=10, history=earlier_blocks)   # or: await pool.arun(...)
 
-SandboxPool runs snippets in fork servers inside bubblewrap sandboxes; ExecResult is what comes back.
+SandboxPool runs snippets in fork servers inside bubblewrap sandboxes; ExecResult is what comes back. A block
+whose trajectory's interpreter a worker kept runs there, warm; otherwise the history is replayed first.
 Importing this package is light: the math stack is imported inside the sandbox workers, not here.
 The Ray wrappers live in mathtir.sandbox.ray_actor (imports ray; import it only where Ray is used).
 `mathtir sandbox selftest` runs the hostile catalog (mathtir/sandbox/catalog.py).
@@ -20,5 +21,6 @@ every file the user can read.
 """
 
 from mathtir.sandbox.pool import STATUSES, ExecResult, SandboxPool, SandboxUnavailable
+from mathtir.sandbox.server import history_digest
 
-__all__ = ["STATUSES", "ExecResult", "SandboxPool", "SandboxUnavailable"]
+__all__ = ["STATUSES", "ExecResult", "SandboxPool", "SandboxUnavailable", "history_digest"]

@@ -88,6 +88,48 @@ MEMORY_SCAN = (
     "    at, end = (int(x, 16) for x in fields[0].split('-'))\n    while True:\n"
     "        hit = libc.memmem(at, end - at, needle, len(needle))\n        if not hit:\n            break\n"
     "        hits += hit != own\n        at = hit + 1\nprint('found' if hits else 'clean')")
+# Every route from a snippet to the other processes of its sandbox (the fork server, the zygote, bwrap's init,
+# and the stopped children the server keeps for other trajectories): signals, /proc files that show memory or
+# state, /proc/<pid>/mem for writing. Prints whether it saw enough processes to mean anything, and what it reached
+# (the canary of an earlier sample, built from numbers so that its own code does not hold it).
+REACH_OTHER_PROCESSES = """
+import os, signal
+me = os.getpid()
+needle = bytes(@NEEDLE@)
+others = [int(p) for p in os.listdir('/proc') if p.isdigit() and int(p) != me]
+reached = []
+for pid in others:
+    for sig in (signal.SIGCONT, signal.SIGKILL, 0):
+        try:
+            os.kill(pid, sig)
+            reached.append(('kill', pid, sig))
+        except OSError:
+            pass
+    for name in ('environ', 'maps', 'cmdline', 'stat', 'status', 'io', 'syscall', 'stack', 'auxv', 'smaps',
+                 'pagemap', 'root/tmp', 'cwd', 'fd', 'fd/0', 'fd/1', 'fd/2', 'fd/3', 'fd/4'):
+        path = f'/proc/{pid}/{name}'
+        try:
+            if os.path.isdir(path):
+                data = ' '.join(os.listdir(path)).encode()
+            else:  # non-blocking: fd/N of another process may be a pipe
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+                try:
+                    data = os.read(fd, 1 << 20)
+                finally:
+                    os.close(fd)
+                if name.startswith(('fd/', 'environ')):  # opening one is reaching it
+                    reached.append(('open', pid, name))
+        except OSError:
+            continue
+        if needle in data:
+            reached.append(('read', pid, name))
+    try:
+        os.close(os.open(f'/proc/{pid}/mem', os.O_RDWR))
+        reached.append(('mem', pid))
+    except OSError:
+        pass
+print(len(others) >= 3, reached)
+""".replace("@NEEDLE@", repr(list(PREVIOUS_CANARY.encode())))
 SYSV_IPC = ("import ctypes\nlibc = ctypes.CDLL(None)\nkey, flags = 0x4D415448, @FLAGS@\n"
             "print([libc.shmget(key, 4096, flags), libc.msgget(key, flags), libc.semget(key, 1, flags), "
             "libc.mq_open(b'/mathtir', 0o100 | 2 if flags else 2, 0o666, None)])")
@@ -103,8 +145,10 @@ CATALOG: tuple[HostileCase, ...] = (
                 "import signal\nfor s in (signal.SIGALRM, signal.SIGTERM, signal.SIGXCPU, signal.SIGINT):\n"
                 "    signal.signal(s, lambda *a: None)\nwhile True:\n    pass", TIMEOUT, timeout=1),
     HostileCase("catastrophic_regex_in_c", "import re\nre.match(r'(a+)+$', 'a' * 64 + 'b')", TIMEOUT, timeout=1),
+    # A stop ends the block (the server keeps stopped children for their trajectory's next block): the rest of
+    # the snippet never runs in this block, and nothing of it runs until that next block continues it.
     HostileCase("stop_self", "import os, signal\nos.kill(os.getpid(), signal.SIGSTOP)\nprint('resumed')",
-                TIMEOUT, timeout=1, stdout_lacks="resumed"),
+                ("ok",), timeout=1, stdout_lacks="resumed"),
     HostileCase("slow_output_drip", "import time\nwhile True:\n    print('.', end='', flush=True)\n    time.sleep(0.05)",
                 TIMEOUT, timeout=1, stdout_has="."),
     HostileCase("cpu_burn_in_threads",
@@ -289,7 +333,7 @@ CATALOG: tuple[HostileCase, ...] = (
     HostileCase("inherited_fds",
                 "import os\nopen_fds = []\nfor fd in range(4096):\n    try:\n        os.fstat(fd)\n"
                 "        open_fds.append(fd)\n    except OSError:\n        pass\nprint(open_fds)", ("ok",),
-                stdout_has="[0, 1, 2, 3]\n"),
+                stdout_has="[0, 1, 2, 3, 4]\n"),  # stdin, out, err, status, requests (the trajectory's next blocks)
     HostileCase("forged_done_then_spin",
                 "import os\nos.write(3, b'{\"event\": \"done\", \"exit_code\": 0}\\n')\nwhile True:\n    pass",
                 TIMEOUT, timeout=1),
@@ -309,7 +353,7 @@ CATALOG: tuple[HostileCase, ...] = (
                 history=("import os\nos.write(3, b'{\"event\": \"done\", \"exit_code\": 0}\\n')",)),
     HostileCase("history_forges_setup_failed", "print('new block')", ("ok",), stdout_has="new block",
                 history=("import os\nos.write(3, b'{\"event\": \"setup_failed\", \"error\": \"forged\"}\\n')",)),
-    HostileCase("history_stops_itself", "print('new block')", TIMEOUT, timeout=0.5, stdout_lacks="new block",
+    HostileCase("history_stops_itself", "print('new block')", ("ok",), timeout=0.5, stdout_lacks="new block",
                 history=("import os, signal\nos.kill(os.getpid(), signal.SIGSTOP)",)),
     HostileCase("history_exits_the_process", "print('new block')", ("ok",), stdout_lacks="new block",
                 history=("import os\nos._exit(0)",)),
@@ -353,6 +397,8 @@ CATALOG: tuple[HostileCase, ...] = (
                 stdout_has="main done", probe="import time, os\ntime.sleep(0.5)\nprint(os.listdir('/tmp'))",
                 probe_stdout="[]\n"),
     HostileCase("keyboard_interrupt", "raise KeyboardInterrupt", ERROR, error_has="KeyboardInterrupt"),
+    # --- the stopped children kept for other trajectories (and the other processes of the sandbox) ---
+    HostileCase("reach_kept_children", REACH_OTHER_PROCESSES, ("ok",), timeout=20, stdout_has="True []\n"),
 )
 
 
@@ -457,8 +503,8 @@ def descendant_pids(pid: int) -> set[int]:
 
 
 def _process_count_settles(pid: int, expected: int, within: float = 3.0) -> bool:
-    """The worker's process tree returns to its usual size (bwrap, its init, the fork server and one spare
-    child forked ahead of the next request). The server replaces the spare right after answering, so a
+    """The worker's process tree returns to its usual size (bwrap, its init, the fork server, one spare
+    child forked ahead of the next request, and the stopped children it keeps for trajectories). The server replaces the spare right after answering, so a
     moment's difference is normal; a process that outlives that is a leak."""
     deadline = time.monotonic() + within
     while len(descendant_pids(pid)) != expected:
@@ -469,7 +515,8 @@ def _process_count_settles(pid: int, expected: int, within: float = 3.0) -> bool
 
 
 def run_case(worker: Worker, case: HostileCase, bait: HostBait, process_count: int) -> CaseReport:
-    """`process_count`: size of the worker's process tree when idle (measured before any case ran)."""
+    """`process_count`: size of the worker's process tree when idle and keeping no trajectory (measured before
+    any case ran)."""
     starts, pid = worker.starts, worker.pid
     t0 = time.monotonic()
     result = worker.run(bait.fill(case.code), timeout=case.timeout, history=case.history)
@@ -485,7 +532,7 @@ def run_case(worker: Worker, case: HostileCase, bait: HostBait, process_count: i
         problems.append(f"error {result.error!r} lacks {case.error_has!r}")
     if worker.starts != starts or worker.pid != pid or not worker.alive:
         problems.append("the worker died or was restarted")
-    elif not _process_count_settles(pid, process_count):
+    elif not _process_count_settles(pid, process_count + worker.holding):
         problems.append("processes leaked in the worker's sandbox")
     follow = worker.run("print(2+3)", timeout=5)
     if (follow.status, follow.stdout) != ("ok", "5\n"):
@@ -510,7 +557,7 @@ def run_catalog(workers: list[Worker], bait: HostBait,
         worker = workers[worker_index]
         worker.run("pass", timeout=5)  # idle afterwards: the spare child for the next request is forked
         time.sleep(0.5)
-        idle_count = len(descendant_pids(worker.pid))
+        idle_count = len(descendant_pids(worker.pid)) - worker.holding  # without the trajectories it keeps
         for case in cases[worker_index::len(workers)]:
             report = run_case(worker, case, bait, idle_count)
             with lock:

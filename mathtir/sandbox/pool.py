@@ -15,7 +15,6 @@ import asyncio
 import json
 import logging
 import os
-import queue
 import select
 import shutil
 import site
@@ -25,12 +24,13 @@ import tempfile
 import threading
 import time
 import warnings
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mathtir.sandbox.server import FRAME_HEADER, NOBODY, encode_frame
+from mathtir.sandbox.server import FRAME_HEADER, NOBODY, encode_frame, history_digest
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,8 @@ class ExecResult:
     stdout_dropped: int = 0
     stderr_dropped: int = 0
     replay_ms: float | None = None  # time spent replaying history, when there was any
+    warm: bool = False  # ran in its trajectory's kept interpreter (no replay)
+    kept: bool = False  # its interpreter is kept for the trajectory's next block, by this worker
     worker: int | None = None  # index of the worker that ran it
 
     def to_dict(self) -> dict:
@@ -103,6 +105,12 @@ class SandboxConfig:
     keep_output_bytes: int = 16384  # per stream: the first and last half are kept
     max_output_bytes: int = 1 << 20  # both streams together; beyond this the snippet is stopped
     replay_margin: float = 5.0  # seconds of history replay that do not count against the timeout
+    # Warm trajectories: a child whose block left nothing behind but its own memory is kept, stopped, for the
+    # trajectory's next block (no replay). At most this many per worker (0: always replay), each for up to
+    # warm_blocks blocks and with at most warm_memory_mb more resident memory than the zygote.
+    warm_trajectories: int = 8
+    warm_blocks: int = 16
+    warm_memory_mb: int = 128
     recycle_after: int = 1000  # runs before a worker is restarted
     supervision_grace: float = 5.0  # seconds past a request's limits before the worker counts as hung
     start_timeout: float = 120.0
@@ -242,6 +250,18 @@ def _popen(cmd: list[str], **kwargs) -> subprocess.Popen:
     return _spawner.submit(subprocess.Popen, cmd, **kwargs).result()
 
 
+def _checked_request(code: str, timeout: float, history: Sequence[str]) -> list[str]:
+    """The history as a list, once the arguments are known to be well-formed."""
+    if not isinstance(code, str):
+        raise TypeError(f"code must be str, got {type(code).__name__}")
+    if not timeout > 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+    history = list(history)
+    if not all(isinstance(block, str) for block in history):
+        raise TypeError("history must be a sequence of str (the trajectory's earlier code blocks)")
+    return history
+
+
 class Worker:
     """One sandbox: a bwrap'd fork server, used by one thread at a time. Restarts itself when dead."""
 
@@ -253,6 +273,8 @@ class Worker:
         self.server_pid: int | None = None  # pid inside the sandbox
         self.runs = 0  # since the last (re)start
         self.starts = 0
+        self.warm = False  # keeps trajectories' interpreters (the server says so when ready)
+        self.holding = 0  # trajectories' interpreters it keeps, as of its last answer
         self._buffer = bytearray()
         self._stderr_tail = bytearray()
         self._scratch: str | None = None
@@ -283,6 +305,9 @@ class Worker:
             "max_output_bytes": cfg.max_output_bytes,
             "seed": cfg.seed,
             "drop_to_uid": drop_to,
+            "warm_trajectories": cfg.warm_trajectories,
+            "warm_blocks": cfg.warm_blocks,
+            "warm_memory_mb": cfg.warm_memory_mb,
         }
         if self.degraded:
             self._scratch = tempfile.mkdtemp(prefix=f"mathtir-sandbox-{self.index}-")
@@ -313,6 +338,8 @@ class Worker:
             raise WorkerFailed(f"sandbox worker {self.index} failed to start: {exc}; "
                                f"its stderr: {self.stderr_tail()!r}") from None
         self.server_pid = ready["pid"]
+        self.warm = ready["warm"]
+        self.holding = 0
 
     def _drain_stderr(self, proc: subprocess.Popen) -> None:
         # The server's own diagnostics (never snippet output): keep the tail for error messages.
@@ -376,13 +403,7 @@ class Worker:
         the host can send (bwrap's outer process is outside the sandbox's pid namespace). Not safe: the
         fork server died or hung while the snippet ran, whatever the cause.
         """
-        if not isinstance(code, str):
-            raise TypeError(f"code must be str, got {type(code).__name__}")
-        if not timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
-        history = list(history)
-        if not all(isinstance(block, str) for block in history):
-            raise TypeError("history must be a sequence of str (the trajectory's earlier code blocks)")
+        history = _checked_request(code, timeout, history)
         cfg = self.cfg
         sent = False
         try:
@@ -403,6 +424,7 @@ class Worker:
             self.stop()
             return ExecResult.internal_error(message, worker=self.index), not sent or killed_by_host
         self.runs += 1
+        self.holding = answer.pop("holding", 0)
         snippet_started = answer.pop("snippet_started")
         return ExecResult(**answer, worker=self.index), not snippet_started
 
@@ -436,7 +458,11 @@ class SandboxPool:
             warnings.warn(message, RuntimeWarning, stacklevel=2)
             log.error(message)
         self.workers = [Worker(i, self.config, self.degraded) for i in range(workers)]
-        self._idle: queue.SimpleQueue[Worker] = queue.SimpleQueue()
+        self._idle: list[Worker] = []  # in the order they became idle
+        self._idle_changed = threading.Condition()
+        self._awaited: Counter[Worker] = Counter()  # callers waiting for a worker that holds their trajectory
+        # history_digest(trajectory so far) -> (worker, its start count) holding that trajectory's interpreter
+        self._holders: OrderedDict[str, tuple[Worker, int]] = OrderedDict()
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox-run")
         self._restarts: list[threading.Thread] = []
         self._lock = threading.Lock()
@@ -448,7 +474,7 @@ class SandboxPool:
             self.close()
             raise
         for worker in self.workers:
-            self._idle.put(worker)
+            self._release(worker)
 
     def __enter__(self) -> SandboxPool:
         return self
@@ -469,6 +495,7 @@ class SandboxPool:
     def run(self, code: str, *, timeout: float, history: Sequence[str] = ()) -> ExecResult:
         if self.closed:
             raise RuntimeError("SandboxPool is closed")
+        history = _checked_request(code, timeout, history)
         result, safe_to_retry = self._run_once(code, timeout, history)
         if result.status == "internal_error" and safe_to_retry:
             result, _ = self._run_once(code, timeout, history)
@@ -479,20 +506,55 @@ class SandboxPool:
         return await loop.run_in_executor(self._executor, lambda: self.run(code, timeout=timeout,
                                                                            history=history))
 
+    def _take(self, holder: Worker | None) -> Worker:
+        """An idle worker: the one holding the trajectory's interpreter if there is one (waiting for it: a
+        block there costs less than replaying the history elsewhere), else the longest idle one that no such
+        caller waits for."""
+        with self._idle_changed:
+            if holder is not None:
+                self._awaited[holder] += 1
+                while holder not in self._idle:
+                    self._idle_changed.wait()
+                self._awaited[holder] -= 1
+                worker = holder
+            else:
+                while not (free := [w for w in self._idle if not self._awaited[w]]):
+                    self._idle_changed.wait()
+                worker = free[0]
+            self._idle.remove(worker)
+            return worker
+
+    def _release(self, worker: Worker) -> None:
+        with self._idle_changed:
+            self._idle.append(worker)
+            self._idle_changed.notify_all()
+
+    def _holder(self, history: Sequence[str]) -> Worker | None:
+        if not history:
+            return None
+        with self._lock:
+            worker, starts = self._holders.pop(history_digest(history), (None, None))
+        return worker if worker is not None and worker.starts == starts else None  # a restart lost it
+
     def _run_once(self, code: str, timeout: float, history: Sequence[str]) -> tuple[ExecResult, bool]:
-        worker = self._idle.get()
+        worker = self._take(self._holder(history))
         try:
             result, safe_to_retry = worker.attempt(code, timeout=timeout, history=history)
         except BaseException:
-            self._idle.put(worker)
+            self._release(worker)
             raise
+        if result.kept:
+            with self._lock:
+                self._holders[history_digest([*history, code])] = (worker, worker.starts)
+                while len(self._holders) > len(self.workers) * max(self.config.warm_trajectories, 1):
+                    self._holders.popitem(last=False)
         if result.status == "internal_error":
             with self._lock:
                 self.internal_errors += 1
         if not worker.alive or worker.runs >= self.config.recycle_after:
             self._restart_in_background(worker)
         else:
-            self._idle.put(worker)
+            self._release(worker)
         return result, safe_to_retry
 
     def _restart_in_background(self, worker: Worker) -> None:
@@ -501,7 +563,7 @@ class SandboxPool:
                 worker.start()
             except WorkerFailed as exc:  # stays dead: its next run retries the start
                 log.error("%s", exc)
-            self._idle.put(worker)
+            self._release(worker)
 
         thread = threading.Thread(target=restart, name=f"sandbox-{worker.index}-restart", daemon=True)
         with self._lock:

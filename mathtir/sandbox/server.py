@@ -11,7 +11,10 @@ right after the fork (new session, fds, rlimits, no privileges, seccomp) and sai
 got the request; it replays the trajectory's earlier blocks silently and runs the new block REPL-style.
 The server enforces the wall-clock limit by waiting on the process (never on pipe EOF), caps output
 keeping head and tail, answers from the exit status once the child is gone, then kills any leftovers,
-wipes the scratch dirs and has the zygote fork the next child. docs/sandbox.md gives the threat model.
+wipes the scratch dirs and has the zygote fork the next child. With warm trajectories a child that ended
+its block normally stops itself instead, and the server keeps it (stopped) for the trajectory's next block
+if the block left nothing outside its memory (_keep_warm); that block then continues it without replay.
+docs/sandbox.md gives the threat model.
 
 The module top level uses only the standard library: the host imports it for the frame format.
 """
@@ -53,6 +56,19 @@ F_SETOWN, F_SETSIG, F_SETOWN_EX = 8, 10, 15
 FIOSETOWN, SIOCSPGRP = 0x8901, 0x8902
 SECCOMP_RET_ALLOW = 0x7FFF0000
 SECCOMP_RET_ERRNO = 0x00050000
+
+
+def history_digest(blocks) -> str:
+    """Names a trajectory's state: the code blocks run so far, in order. A kept child that ran exactly these
+    blocks holds what replaying them would rebuild."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for block in blocks:
+        data = block.encode("utf-8", "surrogatepass")
+        h.update(len(data).to_bytes(8, "big"))
+        h.update(data)
+    return h.hexdigest()
 
 
 def encode_frame(message: dict) -> bytes:
@@ -319,8 +335,10 @@ def _replay(history: list[str], namespace: dict, block_timeout: float) -> None:
 
 
 def _child_main(ctx: dict, fds: tuple[int, int, int, int]) -> None:
-    """A spare child: isolates itself right after the fork, says "ready" on fd 3, then waits for its one
-    request on fd 4.
+    """A spare child: isolates itself right after the fork, says "ready" on fd 3, then waits for its
+    request on fd 4. With warm trajectories on, after a block that did not exit it stops itself and, once
+    continued, reads the trajectory's next block from fd 4 (the server keeps it only when the block left
+    nothing outside its own memory, see _keep_warm).
 
     Events on fd 3 before the request are trusted (no snippet code has run in this process yet); after it,
     fd 3 is the snippet's as much as ours, so the server takes what comes from it as hints only.
@@ -328,9 +346,10 @@ def _child_main(ctx: dict, fds: tuple[int, int, int, int]) -> None:
     import builtins
     import fcntl
     import io
+    import math
     import random
     import resource
-    import threading
+    import signal
 
     # Out of the way first: a pipe end may sit on a number that the dup2 below is about to overwrite.
     out_w, err_w, status_w, request_r = (fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in fds)
@@ -357,11 +376,8 @@ def _child_main(ctx: dict, fds: tuple[int, int, int, int]) -> None:
     request = read_frame(4)
     if request is None:  # the server dropped this spare
         os._exit(0)
-    os.close(4)
-    # SIGXCPU at the soft limit, SIGKILL one second later if the snippet ignores it.
-    cpu_seconds = cpu_limit(request)
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
-
+    if not ctx["warm"]:
+        os.close(4)
     sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8",
                                   errors="backslashreplace", line_buffering=True)
@@ -371,15 +387,53 @@ def _child_main(ctx: dict, fds: tuple[int, int, int, int]) -> None:
     random.seed(ctx["seed"])  # `random` reseeds itself after every fork; numpy was seeded in the server
 
     namespace = {"__name__": "__main__", "__builtins__": builtins}
-    exit_code = 0
+    # A kept child serves up to warm_blocks blocks: the hard CPU limit covers them all, the soft one (SIGXCPU)
+    # is moved on for each block.
+    cpu_hard = cpu_limit(request) * (ctx["warm_blocks"] if ctx["warm"] else 1) + 1
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_limit(request), cpu_hard))
+    channels = _channel_inodes()
+    exit_code, exiting = _run_block(request, namespace, report, replay=True)
+    # A block that closed or replaced one of the pipes the next block needs (its output, the status hints, the
+    # requests) ends its interpreter instead: exit status and pipes stay the kernel's and the server's.
+    while ctx["warm"] and not exiting and _channel_inodes() == channels:
+        # Kept for the trajectory's next block: stopped, so that nothing of it runs until the server continues
+        # it (SIGCONT) with that block on fd 4. The server learns of the stop from the kernel.
+        os.kill(os.getpid(), signal.SIGSTOP)
+        request = read_frame(4)
+        if request is None:
+            os._exit(0)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        used = math.ceil(usage.ru_utime + usage.ru_stime)
+        resource.setrlimit(resource.RLIMIT_CPU, (min(used + cpu_limit(request), cpu_hard), cpu_hard))
+        exit_code, exiting = _run_block(request, namespace, report, replay=False)
+    os._exit(exit_code & 0xFF)
+
+
+def _channel_inodes() -> list[int | None]:
+    inodes = []
+    for fd in (1, 2, 3, 4):
+        try:
+            inodes.append(os.fstat(fd).st_ino)
+        except OSError:
+            inodes.append(None)
+    return inodes
+
+
+def _run_block(request: dict, namespace: dict, report, *, replay: bool) -> tuple[int, bool]:
+    """Run one block (after replaying the history when `replay`): (exit code, whether it raised SystemExit,
+    which ends the process). An exception is exit code 1, its last line reported on fd 3."""
+    import threading
+
+    exit_code, exiting = 0, False
     try:
         compiled = _compile_cell(request["code"])
-        if request["history"]:
+        if replay and request["history"]:
             _replay(request["history"], namespace, request["timeout"])
             report(event="replayed")
         _run_cell(compiled, namespace)
     except SystemExit as exc:
         code = exc.code
+        exiting = True
         exit_code = code if isinstance(code, int) else (0 if code is None else 1)
         if code is not None and not isinstance(code, int):
             print(code, file=sys.stderr)
@@ -400,7 +454,7 @@ def _child_main(ctx: dict, fds: tuple[int, int, int, int]) -> None:
     except BaseException:  # noqa: B036
         pass
     # No "done" event: any thread of the snippet could forge it. The server learns the end from the kernel.
-    os._exit(exit_code & 0xFF)
+    return exit_code, exiting
 
 
 def cpu_limit(request: dict) -> int:
@@ -456,25 +510,27 @@ def _kill_child(pid: int) -> None:
             pass
 
 
-def _kill_leftovers(ctx: dict) -> None:
-    """Kill and reap anything still alive. In the sandbox's pid namespace every pid but bwrap's init (1), ours
-    and the zygote's is a leftover."""
+def _kill_leftovers(ctx: dict, keep: set[int]) -> set[int]:
+    """Kill and reap anything still alive. In the sandbox's pid namespace every pid but bwrap's init (1), ours,
+    the zygote's and those in `keep` (kept children, the spare) is a leftover."""
     import signal
 
     if ctx["own_pid_namespace"]:
         for entry in os.listdir("/proc"):
-            if entry.isdigit() and int(entry) not in (1, os.getpid(), ctx["zygote_pid"]):
+            if entry.isdigit() and int(entry) not in (1, os.getpid(), ctx["zygote_pid"], *keep):
                 try:
                     os.kill(int(entry), signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
+    reaped = set()
     while True:  # we are the child subreaper: every orphan is ours to reap
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            return reaped
         if pid == 0:
-            return
+            return reaped
+        reaped.add(pid)
 
 
 def _wipe(path: str) -> bool:
@@ -523,8 +579,11 @@ class Child:
     stdout: int
     stderr: int
     status: int
-    request: int  # write end: the child reads its one request from here
+    request: int  # write end: the child reads its requests from here
     reaped: bool = False
+    blocks: int = 0  # blocks it ran (kept children: of one trajectory, whose history_digest is `digest`)
+    digest: str = ""
+    cpu_used: float = 0.0  # CPU seconds at the end of its last block
 
 
 def _fork_sibling(ctx: dict) -> int:
@@ -600,16 +659,45 @@ def spawn_child(ctx: dict) -> Child:
     return Child(CHILD_PID.unpack(message)[0], *fds)
 
 
-def finish_child(ctx: dict, child: Child) -> bool:
-    """Kill and reap the child (if execute() did not) and anything it left, wipe the scratch dirs. False if
-    they stay dirty."""
+def finish_child(ctx: dict, child: Child, keep: set[int]) -> tuple[bool, set[int]]:
+    """Kill and reap the child (if execute() did not) and anything it left, wipe the scratch dirs: (whether
+    they are clean, the pids reaped besides the child). `keep`: the live children that are not leftovers."""
     if not child.reaped:
         _kill_child(child.pid)
         os.waitpid(child.pid, 0)
+        child.reaped = True
     for fd in (child.stdout, child.stderr, child.status, child.request):
         os.close(fd)
-    _kill_leftovers(ctx)
-    return all(_wipe(d) for d in ctx["scratch_dirs"])
+    gone = _kill_leftovers(ctx, keep)
+    return all(_wipe(d) for d in ctx["scratch_dirs"]), gone
+
+
+def _scratch_usage(ctx: dict) -> list[tuple[int, int]]:
+    """Free blocks and inodes of each scratch mount."""
+    return [(st.f_bfree, st.f_ffree) for st in map(os.statvfs, ctx["scratch_dirs"])]
+
+
+def _keep_warm(ctx: dict, child: Child) -> bool:
+    """Whether a child that stopped at the end of a block may be kept for its trajectory's next one.
+
+    Only a child that left nothing outside its own memory: one thread (no thread of it runs on once
+    continued, or pins threads of the shared user), the scratch mounts as empty as when the server mounted
+    them (no file, and no deleted file it still holds open, that another trajectory would see or run short
+    of space by), and memory grown by at most warm_memory_mb over the zygote's. It is stopped, so none of
+    this can change until the server continues it. Anything else: the trajectory replays its history in a
+    fresh child, which rebuilds the same state."""
+    if child.blocks >= ctx["warm_blocks"] or _scratch_usage(ctx) != ctx["scratch_baseline"]:
+        return False
+    try:
+        with open(f"/proc/{child.pid}/stat") as f:
+            threads = int(f.read().rsplit(")", 1)[1].split()[17])
+        with open(f"/proc/{child.pid}/statm") as f:
+            resident = int(f.read().split()[1])
+        with open(f"/proc/{ctx['zygote_pid']}/statm") as f:
+            resident -= int(f.read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return False
+    return threads == 1 and resident * ctx["page_size"] <= ctx["warm_memory_bytes"]
 
 
 def _await_ready(child: Child) -> str | None:
@@ -632,7 +720,8 @@ def _await_ready(child: Child) -> str | None:
 
 
 def execute(ctx: dict, child: Child, request: dict) -> dict:
-    """Hand the request to the waiting child and supervise it until it exits or is stopped.
+    """Hand the request to the child (a spare that waits for it, or a kept one of its trajectory, which is
+    continued) and supervise it until it exits, stops, or is stopped by us.
 
     Trusted: the child's "ready" (before the request), its wait status and rusage (from the kernel), the
     clock and the byte counts. Everything the child writes after the request (output, and the "replayed"
@@ -642,19 +731,26 @@ def execute(ctx: dict, child: Child, request: dict) -> dict:
     import signal
     import time
 
-    setup_problem = _await_ready(child)
-    if setup_problem is not None:
-        # The snippet never reached a child: the caller may safely run it again elsewhere.
-        return {"status": "internal_error", "error": f"sandbox child setup failed: {setup_problem}",
-                "snippet_started": False}
+    resumed = child.blocks > 0
+    if not resumed:
+        setup_problem = _await_ready(child)
+        if setup_problem is not None:
+            # The snippet never reached a child: the caller may safely run it again elsewhere.
+            return {"status": "internal_error", "error": f"sandbox child setup failed: {setup_problem}",
+                    "snippet_started": False}
     timeout = float(request["timeout"])
-    margin = float(request["replay_margin"]) if request["history"] else 0.0
+    margin = float(request["replay_margin"]) if request["history"] and not resumed else 0.0
     keep, max_output = ctx["keep_output_bytes"], ctx["max_output_bytes"]
     start = time.monotonic()
     try:
         write_all(child.request, encode_frame(request))
-    except BrokenPipeError:  # the spare died after "ready": the wait status says how
+    except BrokenPipeError:  # the child died after "ready" (or closed fd 4): the wait status says how
         pass
+    if resumed:
+        try:
+            os.kill(child.pid, signal.SIGCONT)
+        except ProcessLookupError:  # gone while stopped: the wait status says how
+            pass
 
     # Replay time is free up to the margin; beyond it, it eats into the new block's budget.
     hard_deadline = start + timeout + margin
@@ -669,7 +765,8 @@ def execute(ctx: dict, child: Child, request: dict) -> dict:
         os.set_blocking(fd, False)
         poller.register(fd, select.POLLIN)
     open_fds = {child.stdout, child.stderr, child.status}
-    exited = None  # (wait status, rusage) once reaped
+    exited = None  # (wait status, rusage) once reaped, or once stopped (warm trajectories)
+    wait_flags = os.WNOHANG | (os.WUNTRACED if ctx["warm"] else 0)
 
     def output_total() -> int:
         return sum(c.total for c in captures.values())
@@ -725,7 +822,7 @@ def execute(ctx: dict, child: Child, request: dict) -> dict:
             else:
                 read_available(fd)
         parse_status()
-        got, wait_status, rusage = os.wait4(child.pid, os.WNOHANG)
+        got, wait_status, rusage = os.wait4(child.pid, wait_flags)
         if got == child.pid:
             exited = (wait_status, rusage)
         elif output_total() > max_output:
@@ -736,39 +833,43 @@ def execute(ctx: dict, child: Child, request: dict) -> dict:
             _kill_child(child.pid)
             _, wait_status, rusage = os.wait4(child.pid, 0)
             exited = (wait_status, rusage)
-    child.reaped = True
+    stopped = os.WIFSTOPPED(exited[0])
+    child.reaped = not stopped
     wall_ms = (time.monotonic() - start) * 1000
     # Everything the child wrote is in the pipes now (no fork was allowed and the zygote closed its copies,
-    # so only the child held their write ends, and it is dead): take it.
+    # so only the child held their write ends, and it is dead or stopped): take it.
     for fd in list(open_fds):
         if verdict != "output_limit" or fd == child.status:
             while read_available(fd):
                 pass
     parse_status()
+    cpu_used = exited[1].ru_utime + exited[1].ru_stime
+    block_cpu, child.cpu_used = cpu_used - child.cpu_used, cpu_used
 
     out, err = captures[child.stdout], captures[child.stderr]
     result = {
         "stdout": out.text(), "stderr": err.text(),
         "stdout_dropped": out.dropped, "stderr_dropped": err.dropped,
         "truncated": bool(out.dropped or err.dropped or verdict == "output_limit"),
-        "wall_ms": wall_ms, "replay_ms": replay_ms,
-        "exit_code": None, "signal": None, "error": None, "snippet_started": True,
+        "wall_ms": wall_ms, "replay_ms": replay_ms, "warm": resumed,
+        "exit_code": None, "signal": None, "error": None, "snippet_started": True, "stopped": stopped,
     }
     cpu_seconds = cpu_limit(request)
-    if os.WIFSIGNALED(exited[0]):
+    if stopped:  # the block ended and the process was kept: an exception is the one failure it reports
+        result["exit_code"] = 1 if events else 0
+    elif os.WIFSIGNALED(exited[0]):
         result["signal"] = os.WTERMSIG(exited[0])
     else:
         result["exit_code"] = os.WEXITSTATUS(exited[0])
     if verdict == "timeout":
-        phase = " while replaying earlier blocks" if request["history"] and replay_ms is None else ""
+        phase = " while replaying earlier blocks" if margin and replay_ms is None else ""
         result.update(status="timeout", error=f"Timeout: exceeded the {timeout:g} s time limit{phase}")
     elif verdict == "output_limit":
         result.update(status="output_limit",
                       error=f"Output limit: more than {max_output} bytes written; execution stopped")
     elif result["signal"] is not None:
         sig = result["signal"]
-        used = exited[1].ru_utime + exited[1].ru_stime
-        if sig == signal.SIGXCPU or (sig == signal.SIGKILL and used >= cpu_seconds):
+        if sig == signal.SIGXCPU or (sig == signal.SIGKILL and block_cpu >= cpu_seconds):
             result.update(status="timeout", error=f"Timeout: exceeded the {cpu_seconds} s CPU limit")
         else:
             result.update(status="killed", error=f"Killed by signal {signal.Signals(sig).name}")
@@ -930,25 +1031,56 @@ def main() -> None:
         "max_output_bytes": config["max_output_bytes"],
         "max_fd": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
         "seed": config["seed"],
+        # Warm trajectories need scratch mounts of the sandbox's own to tell "left nothing behind" (_keep_warm).
+        "warm": config["warm_trajectories"] > 0 and config["own_pid_namespace"],
+        "warm_trajectories": config["warm_trajectories"],
+        "warm_blocks": config["warm_blocks"],
+        "warm_memory_bytes": config["warm_memory_mb"] * 2**20,
+        "page_size": resource.getpagesize(),
     }
+    ctx["scratch_baseline"] = _scratch_usage(ctx) if ctx["warm"] else None
     gc.freeze()  # objects imported so far stay shared with every forked child instead of being copied
     # Before the first request: the zygote, and so every child, never holds a request or its output.
     ctx["zygote_pid"], ctx["zygote"] = start_zygote(ctx)
     signal.set_wakeup_fd(wakeup_w, warn_on_full_buffer=False)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-    child = spawn_child(ctx)
-    write_all(proto_out, encode_frame({"ready": True, "pid": os.getpid(), "vm_bytes": vm_bytes}))
+    spare = spawn_child(ctx)
+    kept: dict[int, Child] = {}  # pid -> stopped child of a trajectory, least recently used first
+    write_all(proto_out, encode_frame({"ready": True, "pid": os.getpid(), "vm_bytes": vm_bytes,
+                                       "warm": ctx["warm"]}))
     while True:
         request = read_frame(proto_in)
         if request is None:
-            finish_child(ctx, child)
+            for child in [*kept.values(), spare]:
+                _kill_child(child.pid)
             return
-        write_all(proto_out, encode_frame(execute(ctx, child, request)))
-        # After answering, while the host is busy elsewhere: clean up and fork the next child.
-        if not finish_child(ctx, child):
-            sys.exit("mathtir sandbox: the scratch space could not be wiped; exiting so that a fresh "
-                     "sandbox replaces this one")
-        child = spawn_child(ctx)
+        state = history_digest(request["history"])
+        child = next((c for c in reversed(kept.values()) if c.digest == state), None)
+        if child is not None:
+            del kept[child.pid]
+        else:
+            child, spare = spare, None
+        result = execute(ctx, child, request)
+        keep = result.pop("stopped", False) and _keep_warm(ctx, child)
+        if keep:
+            child.blocks += 1
+            child.digest = history_digest([*request["history"], request["code"]])
+            kept[child.pid] = child
+        done = [] if keep else [child]
+        while len(kept) > ctx["warm_trajectories"]:
+            done.append(kept.pop(next(iter(kept))))
+        result["kept"], result["holding"] = keep, len(kept)
+        write_all(proto_out, encode_frame(result))
+        # After answering, while the host is busy elsewhere: clean up and fork the next spare.
+        for old in done:
+            clean, gone = finish_child(ctx, old, {*kept, *([spare.pid] if spare else [])})
+            if not clean:
+                sys.exit("mathtir sandbox: the scratch space could not be wiped; exiting so that a fresh "
+                         "sandbox replaces this one")
+            for pid in gone & kept.keys():  # died while stopped (the OOM killer): its trajectory replays
+                kept.pop(pid).reaped = True
+        if spare is None:
+            spare = spawn_child(ctx)
 
 
 if __name__ == "__main__":
