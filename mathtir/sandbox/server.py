@@ -522,8 +522,34 @@ def _kill_leftovers(ctx: dict, keep: set[int]) -> set[int]:
                     os.kill(int(entry), signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
+    return _reap()
+
+
+def _await_request(ctx: dict, proto_in: int) -> set[int]:
+    """Wait until the host's next request starts to arrive, reaping children as they exit meanwhile (SIGCHLD
+    wakes us); the pids reaped."""
+    import select
+
+    poller = select.poll()
+    poller.register(proto_in, select.POLLIN | select.POLLHUP)
+    poller.register(ctx["wakeup_r"], select.POLLIN)
+    reaped = _reap()
+    while True:
+        ready = {fd for fd, _ in poller.poll()}
+        if ctx["wakeup_r"] in ready:
+            try:
+                os.read(ctx["wakeup_r"], 4096)
+            except BlockingIOError:
+                pass
+            reaped |= _reap()
+        if proto_in in ready:
+            return reaped
+
+
+def _reap() -> set[int]:
+    """Reap every child that has exited (we are the child subreaper: every orphan is ours); their pids."""
     reaped = set()
-    while True:  # we are the child subreaper: every orphan is ours to reap
+    while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
@@ -733,7 +759,7 @@ def execute(ctx: dict, child: Child, request: dict) -> dict:
 
     resumed = child.blocks > 0
     if not resumed:
-        setup_problem = _await_ready(child)
+        setup_problem = _await_ready(child) or ("the child exited before its request" if child.reaped else None)
         if setup_problem is not None:
             # The snippet never reached a child: the caller may safely run it again elsewhere.
             return {"status": "internal_error", "error": f"sandbox child setup failed: {setup_problem}",
@@ -1049,6 +1075,10 @@ def main() -> None:
     write_all(proto_out, encode_frame({"ready": True, "pid": os.getpid(), "vm_bytes": vm_bytes,
                                        "warm": ctx["warm"]}))
     while True:
+        gone = _await_request(ctx, proto_in)
+        for pid in gone & kept.keys():  # died while stopped (the OOM killer): its trajectory replays
+            kept.pop(pid).reaped = True
+        spare.reaped = spare.pid in gone
         request = read_frame(proto_in)
         if request is None:
             for child in [*kept.values(), spare]:
@@ -1066,18 +1096,24 @@ def main() -> None:
             child.blocks += 1
             child.digest = history_digest([*request["history"], request["code"]])
             kept[child.pid] = child
-        done = [] if keep else [child]
+        evicted = []
         while len(kept) > ctx["warm_trajectories"]:
-            done.append(kept.pop(next(iter(kept))))
+            evicted.append(kept.pop(next(iter(kept))))
         result["kept"], result["holding"] = keep, len(kept)
         write_all(proto_out, encode_frame(result))
         # After answering, while the host is busy elsewhere: clean up and fork the next spare.
-        for old in done:
-            clean, gone = finish_child(ctx, old, {*kept, *([spare.pid] if spare else [])})
+        for old in evicted:
+            # Stopped since _keep_warm found its scratch clean and no other process of it: killing it is all.
+            # Reaped once it is gone (_await_request), not waited for: its teardown need not hold the server up.
+            _kill_child(old.pid)
+            for fd in (old.stdout, old.stderr, old.status, old.request):
+                os.close(fd)
+        if not keep:
+            clean, gone = finish_child(ctx, child, {*kept, *([spare.pid] if spare else [])})
             if not clean:
                 sys.exit("mathtir sandbox: the scratch space could not be wiped; exiting so that a fresh "
                          "sandbox replaces this one")
-            for pid in gone & kept.keys():  # died while stopped (the OOM killer): its trajectory replays
+            for pid in gone & kept.keys():
                 kept.pop(pid).reaped = True
         if spare is None:
             spare = spawn_child(ctx)
