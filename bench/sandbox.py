@@ -14,9 +14,10 @@ For a trivial snippet and a typical TIR snippet (sympy solve): p50/p99 latency o
 throughput with `workers` concurrent callers. For a 5-block sympy trajectory (each block using the state of the
 earlier ones): per-block latency and blocks/s with `workers` trajectories at a time, the pool keeping each
 trajectory's interpreter (warm) and replaying its history instead, against a fresh `python -c` that re-runs
-the trajectory so far and NeMo-Skills' IPython session per trajectory. Targets (issue 16, with every isolation measure on): sympy
-throughput >= 30x the fresh-process baseline; trivial p50 <= 8 ms. Ratios are printed at the end, with the load average: on a shared machine
-absolute latencies follow the load, the ratios much less.
+the trajectory so far, in-process exec, and NeMo-Skills' IPython session per trajectory. Targets (issue 16,
+with every isolation measure on): sympy throughput >= 30x the fresh-process baseline; trivial p50 <= 8 ms.
+Ratios are printed at the end, with the load average: on a shared machine absolute latencies follow the load,
+the ratios much less.
 """
 
 from __future__ import annotations

@@ -35,12 +35,14 @@ class SandboxActorExecutor:
     of the job's concurrency cap while it runs. A trajectory's next block goes to the actor that kept its
     interpreter (ExecResult.kept), where it runs warm instead of replaying the history."""
 
-    def __init__(self, actors: list, *, timeout: float, cap=None, max_attempts: int = 6, holders: int = 65536):
+    # Trajectories remembered (~100 bytes each): far more than the actors keep, so a forgotten one was dropped there
+    MAX_HOLDERS = 65536
+
+    def __init__(self, actors: list, *, timeout: float, cap=None, max_attempts: int = 6):
         self.pool = ActorPool(actors, name="sandbox", max_attempts=max_attempts, max_backoff_s=10.0)
         self.timeout = timeout
         self.cap = cap  # mathtir.sandbox.ray_actor.ConcurrencyCap: executions in flight across the job
         self.holders: OrderedDict[str, int] = OrderedDict()  # history_digest -> actor index; oldest first
-        self.max_holders = holders
 
     async def run(self, code: str, history: list[str]) -> ExecResult:
         prefer = self.holders.pop(history_digest(history), None) if history else None
@@ -52,7 +54,7 @@ class SandboxActorExecutor:
                 await self.cap.release.remote(lease)
         if result.kept:
             self.holders[history_digest([*history, code])] = index
-            while len(self.holders) > self.max_holders:
+            while len(self.holders) > self.MAX_HOLDERS:
                 self.holders.popitem(last=False)
         return result
 

@@ -1078,7 +1078,7 @@ def main() -> None:
         gone = _await_request(ctx, proto_in)
         for pid in gone & kept.keys():  # died while stopped (the OOM killer): its trajectory replays
             kept.pop(pid).reaped = True
-        spare.reaped = spare.pid in gone
+        spare.reaped = spare.reaped or spare.pid in gone
         request = read_frame(proto_in)
         if request is None:
             for child in [*kept.values(), spare]:
@@ -1115,6 +1115,8 @@ def main() -> None:
                          "sandbox replaces this one")
             for pid in gone & kept.keys():
                 kept.pop(pid).reaped = True
+            if spare is not None and spare.pid in gone:  # it died before its request: execute() says so
+                spare.reaped = True
         if spare is None:
             spare = spawn_child(ctx)
 
