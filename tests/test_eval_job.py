@@ -279,7 +279,10 @@ def test_ray_job_submit_tiny_model(ray_head, tir_tiny_dir, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_problems"] == 3 and metrics["num_samples"] == 2
     assert metrics["per_problem"]["p0"]["majority_correct"] == 1.0
-    assert metrics["run"]["sandbox"]["executions"] == sum(r["code_rounds"] for r in records)
+    sandbox = metrics["run"]["sandbox"]
+    assert sandbox["executions"] == sum(r["code_rounds"] for r in records)
+    # every execution after a trajectory's first found its state one way or the other, and is counted once
+    assert sandbox["warm_executions"] + sandbox["replayed_executions"] == sum(r["code_rounds"] - 1 for r in records)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["data_sha256"] == file_sha256(data)
     assert manifest["attempts"][0]["code"]["source_sha256"]

@@ -69,6 +69,8 @@ def test_the_executor_sends_a_trajectory_back_to_the_actor_that_kept_it(local_ra
     for k, results in enumerate(asyncio.run(main())):
         assert results[-1].stdout == f"{k + 1}\n"
         assert [r.warm for r in results] == [False, True, True], k
+    stats = executor.stats()
+    assert (stats["executions"], stats["warm_executions"], stats["replayed_executions"]) == (12, 8, 0)
     for actor in actors:
         ray.kill(actor)
 

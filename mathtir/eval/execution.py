@@ -16,18 +16,39 @@ from mathtir.sandbox import ExecResult, SandboxPool, history_digest
 log = logging.getLogger(__name__)
 
 
+class StateTally:
+    """How the executions after a trajectory's first found its state: warm (the interpreter kept for it) or
+    replayed (its earlier blocks run again first)."""
+
+    def __init__(self):
+        self.warm_executions = self.replayed_executions = 0
+
+    def count(self, result: ExecResult, history: list[str]) -> ExecResult:
+        if history:
+            if result.warm:
+                self.warm_executions += 1
+            else:
+                self.replayed_executions += 1
+        return result
+
+    def stats(self) -> dict:
+        return {"warm_executions": self.warm_executions, "replayed_executions": self.replayed_executions}
+
+
 class PoolExecutor:
     """A local SandboxPool as an Executor (one machine, no Ray)."""
 
     def __init__(self, pool: SandboxPool, *, timeout: float):
         self.pool = pool
         self.timeout = timeout
+        self.tally = StateTally()
 
     async def run(self, code: str, history: list[str]) -> ExecResult:
-        return await self.pool.arun(code, timeout=self.timeout, history=history)
+        return self.tally.count(await self.pool.arun(code, timeout=self.timeout, history=history), history)
 
     def stats(self) -> dict:
-        return {"workers": len(self.pool.workers), "internal_errors": self.pool.internal_errors}
+        return {"workers": len(self.pool.workers), "internal_errors": self.pool.internal_errors,
+                **self.tally.stats()}
 
 
 class SandboxActorExecutor:
@@ -43,6 +64,7 @@ class SandboxActorExecutor:
         self.timeout = timeout
         self.cap = cap  # mathtir.sandbox.ray_actor.ConcurrencyCap: executions in flight across the job
         self.holders: OrderedDict[str, int] = OrderedDict()  # history_digest -> actor index; oldest first
+        self.tally = StateTally()
 
     async def run(self, code: str, history: list[str]) -> ExecResult:
         prefer = self.holders.pop(history_digest(history), None) if history else None
@@ -56,13 +78,14 @@ class SandboxActorExecutor:
             self.holders[history_digest([*history, code])] = index
             while len(self.holders) > self.MAX_HOLDERS:
                 self.holders.popitem(last=False)
-        return result
+        return self.tally.count(result, history)
 
     def stats(self) -> dict:
         import ray
 
         stats = self.pool.stats()
         stats["executions"] = stats.pop("calls")
+        stats.update(self.tally.stats())
         if self.cap is not None:
             stats["concurrency"] = ray.get(self.cap.stats.remote(), timeout=60)
         return stats
