@@ -273,7 +273,6 @@ class Worker:
         self.server_pid: int | None = None  # pid inside the sandbox
         self.runs = 0  # since the last (re)start
         self.starts = 0
-        self.warm = False  # keeps trajectories' interpreters (the server says so when ready)
         self.holding = 0  # trajectories' interpreters it keeps, as of its last answer
         self._buffer = bytearray()
         self._stderr_tail = bytearray()
@@ -338,7 +337,6 @@ class Worker:
             raise WorkerFailed(f"sandbox worker {self.index} failed to start: {exc}; "
                                f"its stderr: {self.stderr_tail()!r}") from None
         self.server_pid = ready["pid"]
-        self.warm = ready["warm"]
         self.holding = 0
 
     def _drain_stderr(self, proc: subprocess.Popen) -> None:

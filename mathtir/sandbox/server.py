@@ -1072,8 +1072,7 @@ def main() -> None:
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     spare = spawn_child(ctx)
     kept: dict[int, Child] = {}  # pid -> stopped child of a trajectory, least recently used first
-    write_all(proto_out, encode_frame({"ready": True, "pid": os.getpid(), "vm_bytes": vm_bytes,
-                                       "warm": ctx["warm"]}))
+    write_all(proto_out, encode_frame({"ready": True, "pid": os.getpid(), "vm_bytes": vm_bytes}))
     while True:
         gone = _await_request(ctx, proto_in)
         for pid in gone & kept.keys():  # died while stopped (the OOM killer): its trajectory replays
