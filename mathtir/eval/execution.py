@@ -8,10 +8,9 @@ again on a live one.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 
 from mathtir.eval.actors import ActorPool
-from mathtir.sandbox import ExecResult, SandboxPool, history_digest
+from mathtir.sandbox import ExecResult, SandboxPool, TrajectoryHolders
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +62,11 @@ class SandboxActorExecutor:
         self.pool = ActorPool(actors, name="sandbox", max_attempts=max_attempts, max_backoff_s=10.0)
         self.timeout = timeout
         self.cap = cap  # mathtir.sandbox.ray_actor.ConcurrencyCap: executions in flight across the job
-        self.holders: OrderedDict[str, int] = OrderedDict()  # history_digest -> actor index; oldest first
+        self.holders = TrajectoryHolders(self.MAX_HOLDERS)  # actor index for each kept trajectory
         self.tally = StateTally()
 
     async def run(self, code: str, history: list[str]) -> ExecResult:
-        prefer = self.holders.pop(history_digest(history), None) if history else None
+        prefer = self.holders.take(history)
         lease = await self.cap.acquire.remote() if self.cap is not None else None
         try:
             index, result = await self.pool.call_at(prefer, "run", code, timeout=self.timeout, history=history)
@@ -75,9 +74,7 @@ class SandboxActorExecutor:
             if lease is not None:
                 await self.cap.release.remote(lease)
         if result.kept:
-            self.holders[history_digest([*history, code])] = index
-            while len(self.holders) > self.MAX_HOLDERS:
-                self.holders.popitem(last=False)
+            self.holders.record(history, code, index)
         return self.tally.count(result, history)
 
     def stats(self) -> dict:

@@ -20,7 +20,6 @@ docs/sandbox.md gives the threat model and the known limits, among them: degrade
 every file the user can read.
 """
 
-from mathtir.sandbox.pool import STATUSES, ExecResult, SandboxPool, SandboxUnavailable
-from mathtir.sandbox.server import history_digest
+from mathtir.sandbox.pool import STATUSES, ExecResult, SandboxPool, SandboxUnavailable, TrajectoryHolders
 
-__all__ = ["STATUSES", "ExecResult", "SandboxPool", "SandboxUnavailable", "history_digest"]
+__all__ = ["STATUSES", "ExecResult", "SandboxPool", "SandboxUnavailable", "TrajectoryHolders"]

@@ -250,6 +250,26 @@ def _popen(cmd: list[str], **kwargs) -> subprocess.Popen:
     return _spawner.submit(subprocess.Popen, cmd, **kwargs).result()
 
 
+class TrajectoryHolders:
+    """Where each trajectory's kept interpreter lives (a worker, an actor): keyed by the history_digest of the
+    blocks it ran, the least recently recorded forgotten beyond `limit`. A forgotten or stale entry only costs a
+    replay. Not locked: callers that share one lock it."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._places: OrderedDict[str, object] = OrderedDict()
+
+    def take(self, history: Sequence[str]):
+        """The place holding the state `history` built (forgotten here: its next block moves it on), or None."""
+        return self._places.pop(history_digest(history), None) if history else None
+
+    def record(self, history: Sequence[str], code: str, place) -> None:
+        """`place` kept the interpreter that ran `history` and then `code`."""
+        self._places[history_digest([*history, code])] = place
+        while len(self._places) > self.limit:
+            self._places.popitem(last=False)
+
+
 def _checked_request(code: str, timeout: float, history: Sequence[str]) -> list[str]:
     """The history as a list, once the arguments are known to be well-formed."""
     if not isinstance(code, str):
@@ -459,8 +479,8 @@ class SandboxPool:
         self._idle: list[Worker] = []  # in the order they became idle
         self._idle_changed = threading.Condition()
         self._awaited: Counter[Worker] = Counter()  # callers waiting for a worker that holds their trajectory
-        # history_digest(trajectory so far) -> (worker, its start count) holding that trajectory's interpreter
-        self._holders: OrderedDict[str, tuple[Worker, int]] = OrderedDict()
+        # (worker, its start count) for each trajectory whose interpreter a worker keeps
+        self._holders = TrajectoryHolders(len(self.workers) * max(self.config.warm_trajectories, 1))
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox-run")
         self._restarts: list[threading.Thread] = []
         self._lock = threading.Lock()
@@ -528,10 +548,8 @@ class SandboxPool:
             self._idle_changed.notify_all()
 
     def _holder(self, history: Sequence[str]) -> Worker | None:
-        if not history:
-            return None
         with self._lock:
-            worker, starts = self._holders.pop(history_digest(history), (None, None))
+            worker, starts = self._holders.take(history) or (None, None)
         return worker if worker is not None and worker.starts == starts else None  # a restart lost it
 
     def _run_once(self, code: str, timeout: float, history: Sequence[str]) -> tuple[ExecResult, bool]:
@@ -543,9 +561,7 @@ class SandboxPool:
             raise
         if result.kept:
             with self._lock:
-                self._holders[history_digest([*history, code])] = (worker, worker.starts)
-                while len(self._holders) > len(self.workers) * max(self.config.warm_trajectories, 1):
-                    self._holders.popitem(last=False)
+                self._holders.record(history, code, (worker, worker.starts))
         if result.status == "internal_error":
             with self._lock:
                 self.internal_errors += 1

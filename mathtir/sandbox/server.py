@@ -611,6 +611,10 @@ class Child:
     digest: str = ""
     cpu_used: float = 0.0  # CPU seconds at the end of its last block
 
+    def close_pipes(self) -> None:
+        for fd in (self.stdout, self.stderr, self.status, self.request):
+            os.close(fd)
+
 
 def _fork_sibling(ctx: dict) -> int:
     """os.fork(), except that the new process is the zygote's sibling (CLONE_PARENT): a child of the fork
@@ -692,8 +696,7 @@ def finish_child(ctx: dict, child: Child, keep: set[int]) -> tuple[bool, set[int
         _kill_child(child.pid)
         os.waitpid(child.pid, 0)
         child.reaped = True
-    for fd in (child.stdout, child.stderr, child.status, child.request):
-        os.close(fd)
+    child.close_pipes()
     gone = _kill_leftovers(ctx, keep)
     return all(_wipe(d) for d in ctx["scratch_dirs"]), gone
 
@@ -1105,8 +1108,7 @@ def main() -> None:
             # Stopped since _keep_warm found its scratch clean and no other process of it: killing it is all.
             # Reaped once it is gone (_await_request), not waited for: its teardown need not hold the server up.
             _kill_child(old.pid)
-            for fd in (old.stdout, old.stderr, old.status, old.request):
-                os.close(fd)
+            old.close_pipes()
         if not keep:
             clean, gone = finish_child(ctx, child, {*kept, *([spare.pid] if spare else [])})
             if not clean:
