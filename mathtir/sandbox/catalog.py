@@ -504,8 +504,9 @@ def descendant_pids(pid: int) -> set[int]:
 
 def _process_count_settles(pid: int, expected: int, within: float = 3.0) -> bool:
     """The worker's process tree returns to its usual size (bwrap, its init, the fork server, one spare
-    child forked ahead of the next request, and the stopped children it keeps for trajectories). The server replaces the spare right after answering, so a
-    moment's difference is normal; a process that outlives that is a leak."""
+    child forked ahead of the next request, and the stopped children it keeps for trajectories). The server
+    replaces the spare right after answering, so a moment's difference is normal; a process that outlives that
+    is a leak."""
     deadline = time.monotonic() + within
     while len(descendant_pids(pid)) != expected:
         if time.monotonic() > deadline:
