@@ -36,6 +36,35 @@ def test_sympy_and_numpy_are_preloaded_and_work(pool):
     assert (r.status, r.stdout) == ("ok", "[-2, 2]\n10\n")
 
 
+def _kernel_collapses_huge_pages() -> bool:
+    """Whether MADV_COLLAPSE works here (Linux 6.1+ with transparent huge pages), tried on a touched 4 MiB
+    anonymous mapping of this process."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    region = mmap.mmap(-1, 4 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    region.write(b"x" * len(region))
+    view = ctypes.c_char.from_buffer(region)
+    start = -(-ctypes.addressof(view) // (2 << 20)) * (2 << 20)
+    collapsed = libc.madvise(start, 2 << 20, 25) == 0
+    del view
+    region.close()
+    return collapsed
+
+
+def test_children_map_the_preloaded_heap_in_huge_pages(pool):
+    """Forking a child copies, and its exit tears down, a page-table entry per populated page of the zygote:
+    the server collapses its heap into 2 MiB pages first, so a child starts with them mapped whole."""
+    if not _kernel_collapses_huge_pages():
+        pytest.skip("this kernel cannot collapse memory into huge pages (MADV_COLLAPSE, Linux 6.1+)")
+    r = pool.run("print(next(line.split()[1] for line in open('/proc/self/smaps_rollup') "
+                 "if line.startswith('AnonHugePages:')))", timeout=5)
+    assert r.status == "ok", r
+    assert int(r.stdout) >= 2048  # kB: at least one 2 MiB page of the zygote's heap
+
+
 @pytest.mark.parametrize("code, stdout", [
     ("x = 2\nx + 1", "3\n"),            # last bare expression is echoed
     ("'a' * 2", "'aa'\n"),              # as repr, like a REPL
