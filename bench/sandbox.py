@@ -27,6 +27,7 @@ import contextlib
 import io
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -165,8 +166,10 @@ def nemo_skills_server(server_py: str, python: str):
         port = probe.getsockname()[1]
     server = Path(server_py).resolve()
     log = tempfile.TemporaryFile()  # it logs every request: a pipe nobody reads would fill and stall it
+    # A session of its own: its IPython session processes outlive the flask process, so they go by group.
     proc = subprocess.Popen([python, "-m", "flask", "--app", server.stem, "run", "--host", "127.0.0.1", "--port",
-                             str(port)], cwd=server.parent, stdout=log, stderr=subprocess.STDOUT)
+                             str(port)], cwd=server.parent, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -181,8 +184,10 @@ def nemo_skills_server(server_py: str, python: str):
                 time.sleep(0.2)
         yield url
     finally:
-        proc.terminate()
+        os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=10)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         log.close()
 
 
