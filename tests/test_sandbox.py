@@ -14,6 +14,7 @@ import pytest
 
 from mathtir.sandbox import ExecResult, SandboxPool, SandboxUnavailable
 from mathtir.sandbox.catalog import descendant_pids
+from mathtir.sandbox.server import MADV_COLLAPSE
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def _kernel_collapses_huge_pages() -> bool:
     region.write(b"x" * len(region))
     view = ctypes.c_char.from_buffer(region)
     start = -(-ctypes.addressof(view) // (2 << 20)) * (2 << 20)
-    collapsed = libc.madvise(start, 2 << 20, 25) == 0
+    collapsed = libc.madvise(start, 2 << 20, MADV_COLLAPSE) == 0
     del view
     region.close()
     return collapsed
