@@ -9,7 +9,8 @@ PyTorch-kernel backends of mathtir.megatron.attention (SDPA over document masks;
 Each backend runs in fresh child processes, `--rounds` of them in ABBA order (TP=PP=DP=1, the trainer's model,
 optimizer and per-token loss on packed rows of several documents, masked as the trainer masks them), so its
 peak RSS (CPU) or peak allocated memory (GPU) is its own. The parent prints one JSON report with each backend's step time, tokens/s,
-MFU, peak memory and per-step losses (the same weights and tokens for every backend, so they must agree),
+MFU, peak memory (and of it: what is held between steps, alike for every backend, and the step's own above
+it) and per-step losses (the same weights and tokens for every backend, so they must agree),
 and the ratios to the first backend (the baseline). Model FLOPs per token follow mathtir.train.throughput.
 MFU is against the matmul rate measured in the same run (best of several GEMMs: bf16 8192^3 on a GPU, fp32
 2048^3 on a CPU); the device table's datasheet peak is printed next to it where the GPU is in the table.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -130,14 +132,24 @@ def run_backend(a) -> dict:
         losses.append(round(masked_sum / count, 6))
         return elapsed
 
+    def memory_now() -> int:
+        if gpu:
+            return torch.cuda.memory_allocated()
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
     for _ in range(a.warmup):
         step()
+    # After a step the optimizer's state exists: what is held now (weights, gradient buffer, Adam moments,
+    # the runtime) every backend holds alike; the peak above it is the step's own (activations, attention,
+    # logits), the part an attention backend can change.
+    held = memory_now()
     times = [step() for _ in range(a.steps)]
     peak = torch.cuda.max_memory_allocated() if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     parallel.destroy()
     return {"step_s": round(statistics.median(times), 4), "step_s_all": [round(t, 4) for t in times],
-            "peak_memory_gb": round(peak / 2**30, 3), "memory_kind": "max allocated" if gpu else "peak RSS",
-            "losses": losses}
+            "peak_memory_gb": round(peak / 2**30, 3), "held_between_steps_gb": round(held / 2**30, 3),
+            "memory_kind": "max allocated" if gpu else "peak RSS", "losses": losses}
 
 
 def matmul_tflops(gpu: bool, trials: int = 7) -> float:
@@ -195,11 +207,14 @@ def main() -> None:
             "step_s": round(step_s, 4), "step_s_all": times, "tokens_per_s": round(tokens_per_step / step_s, 1),
             "model_tflops": round(tflops, 3), "mfu": round(tflops / peak, 4),
             "peak_memory_gb": max(r["peak_memory_gb"] for r in worker_runs),
+            "held_between_steps_gb": max(r["held_between_steps_gb"] for r in worker_runs),
+            "step_memory_gb": max(round(r["peak_memory_gb"] - r["held_between_steps_gb"], 3) for r in worker_runs),
             "memory_kind": worker_runs[0]["memory_kind"], "losses": worker_runs[0]["losses"],
             "losses_repeat_exactly": all(r["losses"] == worker_runs[0]["losses"] for r in worker_runs)}
     baseline = results[backends[0]]
     ratios = {b: {"step_time_vs_" + backends[0]: round(r["step_s"] / baseline["step_s"], 3),
-                  "peak_memory_vs_" + backends[0]: round(r["peak_memory_gb"] / baseline["peak_memory_gb"], 3)}
+                  "peak_memory_vs_" + backends[0]: round(r["peak_memory_gb"] / baseline["peak_memory_gb"], 3),
+                  "step_memory_vs_" + backends[0]: round(r["step_memory_gb"] / baseline["step_memory_gb"], 3)}
               for b, r in results.items() if b != backends[0]}
     shape = {k: getattr(a, k) for k in ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "seq",
                                         "micro_batch", "docs_per_row")}
