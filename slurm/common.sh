@@ -103,7 +103,9 @@ mathtir_launch() {
 
   export MASTER_ADDR MASTER_PORT MATHTIR_STOP_FILE MATHTIR_ROOT
   MASTER_ADDR=$(mathtir_master_addr)
-  MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+  # Below the kernel's ephemeral range (32768+ by default), where any outgoing connection may hold a port, and
+  # below the job ports of slurm/ray_cluster.sh (21000+).
+  MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 1000))}
   mkdir -p "$MATHTIR_ROOT/runs/.slurm"
   MATHTIR_STOP_FILE="$MATHTIR_ROOT/runs/.slurm/stop-$SLURM_JOB_ID"  # on the shared filesystem rank 0 sees
   rm -f "$MATHTIR_STOP_FILE" "$MATHTIR_STOP_FILE.saved"

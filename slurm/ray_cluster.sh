@@ -22,7 +22,8 @@
 # read-only Prometheus exporter (port 44227, every interface). README, security notes.
 # Ray is torn down (steps killed by pid) when the calling script ends, however it ends.
 #
-# Knobs: EVAL_GPU_NODES, EVAL_SANDBOX_PER_NODE (default: CPUs/4), EVAL_RAY_PORT (default from the job id),
+# Knobs: EVAL_GPU_NODES, EVAL_SANDBOX_PER_NODE (default: CPUs/4), EVAL_RAY_PORT (the first of the job's eight
+#        Ray ports, 1000 apart; default 21000 + job id % 1000),
 #        EVAL_DASHBOARD_HOST, EVAL_RAY_AUTH_MODE (token|disabled), EVAL_OBJECT_STORE_MB (default 2048),
 #        MATHTIR_PYTHON / MATHTIR_ROOT (slurm/common.sh).
 
@@ -62,16 +63,24 @@ CPUS=${SLURM_CPUS_ON_NODE:-$(nproc)}
 SANDBOX_PER_NODE=${EVAL_SANDBOX_PER_NODE:-$(( CPUS / 4 > 0 ? CPUS / 4 : 1 ))}
 GPUS_PER_NODE=0
 if command -v nvidia-smi >/dev/null 2>&1; then GPUS_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); fi
-RAY_PORT=${EVAL_RAY_PORT:-$(( 30000 + SLURM_JOB_ID % 2000 ))}
-DASHBOARD_PORT=$(( RAY_PORT + 2000 ))
-CLIENT_PORT=$(( RAY_PORT + 4000 ))
-# The daemons' own ports, fixed per job so that a firewall can name them: 20000-29999, between Ray's worker
-# ports (10002-19999, which Ray refuses to share) and the kernel's ephemeral range.
-NODE_MANAGER_PORT=$(( RAY_PORT - 10000 ))
-OBJECT_MANAGER_PORT=$(( RAY_PORT - 8000 ))
-AGENT_LISTEN_PORT=$(( RAY_PORT - 6000 ))
-AGENT_GRPC_PORT=$(( RAY_PORT - 4000 ))
-RUNTIME_ENV_AGENT_PORT=$(( RAY_PORT - 2000 ))
+# Every port the job's Ray listens on is fixed per job, so that a firewall can name them: eight, 1000 apart,
+# from 21000 + job id % 1000 (21000-28999: above Ray's worker ports 10002-19999 and the trainer's master port,
+# slurm/common.sh). All stay below the kernel's ephemeral range: a port in it can be held at any moment by an
+# outgoing connection of any process on the node (a Ray Client port of 34009 once failed that way).
+RAY_PORT=${EVAL_RAY_PORT:-$(( 21000 + SLURM_JOB_ID % 1000 ))}
+DASHBOARD_PORT=$(( RAY_PORT + 1000 ))
+CLIENT_PORT=$(( RAY_PORT + 2000 ))
+NODE_MANAGER_PORT=$(( RAY_PORT + 3000 ))
+OBJECT_MANAGER_PORT=$(( RAY_PORT + 4000 ))
+AGENT_LISTEN_PORT=$(( RAY_PORT + 5000 ))
+AGENT_GRPC_PORT=$(( RAY_PORT + 6000 ))
+RUNTIME_ENV_AGENT_PORT=$(( RAY_PORT + 7000 ))
+EPHEMERAL_FIRST=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+if [ "$RAY_PORT" -lt 1024 ] || [ "$RUNTIME_ENV_AGENT_PORT" -ge "$EPHEMERAL_FIRST" ]; then
+  echo "$RAY_JOB_SCRIPT: EVAL_RAY_PORT=$RAY_PORT: the job's Ray ports $RAY_PORT-$RUNTIME_ENV_AGENT_PORT (8, 1000" \
+       "apart) must lie between 1024 and the kernel's ephemeral range ($EPHEMERAL_FIRST+)" >&2
+  exit 2
+fi
 HEAD_IP=$(mathtir_master_addr)
 DASHBOARD_HOST=${EVAL_DASHBOARD_HOST:-$HEAD_IP}
 OBJECT_STORE_BYTES=$(( ${EVAL_OBJECT_STORE_MB:-2048} * 1024 * 1024 ))
@@ -123,7 +132,8 @@ echo "$RAY_JOB_SCRIPT: Ray head on ${NODES[0]} ($HEAD_IP:$RAY_PORT), dashboard $
      "${#NODES[@]} node(s), $GPU_NODES sampler node(s), $SANDBOX_PER_NODE sandbox unit(s) per sandbox node"
 step 0 "$RAY" start --head --block --no-monitor --port="$RAY_PORT" --dashboard-host="$DASHBOARD_HOST" \
   --dashboard-port="$DASHBOARD_PORT" --ray-client-server-port="$CLIENT_PORT" "${HEAD_ARGS[@]}" &
-STEP_PIDS+=($!)
+HEAD_PID=$!
+STEP_PIDS+=("$HEAD_PID")
 
 export RAY_ADDRESS="$HEAD_IP:$RAY_PORT"
 NODES_ALIVE_PY='
@@ -131,10 +141,13 @@ import sys, ray
 ray.init(logging_level="ERROR")
 alive = sum(n["Alive"] for n in ray.nodes())
 sys.exit(0 if alive >= int(sys.argv[1]) else 1)'
+# A probe against a head that has died would wait for its GCS far beyond the deadline: each is bounded, and
+# the head's step is checked between them (a head that fails to start, e.g. on a port in use, ends the job).
 wait_for_nodes() {
   local want=$1 deadline=$(( SECONDS + 300 ))
-  until step 0 "$PYTHON" -c "$NODES_ALIVE_PY" "$want" 2>/dev/null
+  until step 0 timeout 60 "$PYTHON" -c "$NODES_ALIVE_PY" "$want" 2>/dev/null
   do
+    kill -0 "$HEAD_PID" 2>/dev/null || { echo "$RAY_JOB_SCRIPT: the Ray head exited (its log is above)" >&2; exit 1; }
     [ "$SECONDS" -lt "$deadline" ] || { echo "$RAY_JOB_SCRIPT: fewer than $want Ray node(s) after 300 s" >&2; exit 1; }
     sleep 5
   done

@@ -3,7 +3,7 @@ of `mathtir eval run`: every listening socket of a running job is on loopback, e
 without the job's token, and a driver killed with SIGKILL leaves no Ray process behind once the next driver
 of its output has run. `slurm/eval.sh` on a node whose address is one of this machine's real interfaces:
 every socket of the job is on that address or loopback except what Ray cannot narrow, and each refuses a
-caller without the token."""
+caller without the token; a job whose Ray ports are out of range or taken ends at once, saying why."""
 
 from __future__ import annotations
 
@@ -321,3 +321,31 @@ def test_slurm_eval_job_binds_the_internal_interface_and_refuses_callers_without
             time.sleep(1)
         assert not alive(procs), f"Ray processes of the cancelled job still alive: {alive(procs)}"
 
+
+
+def test_slurm_eval_job_ends_at_once_when_its_ray_ports_are_out_of_range_or_taken(tir_tiny_dir, tmp_path):  # noqa: F811
+    """The job's Ray ports lie below the kernel's ephemeral range (a port in it may be held by any outgoing
+    connection on the node: a Ray Client port of 34009 once was), and a Ray head that cannot start ends the
+    job instead of leaving it waiting for nodes that never come."""
+    data = write_data(tmp_path / "problems.jsonl")
+    args = job_args(tir_tiny_dir, data, tmp_path / "out", "--samples", "1", "--max-tokens", "16")
+    # 21000 + k * 1000 is the block of a job id divisible by 1000: no test cluster gets that far
+    base = 21000
+    with LocalSlurmCluster(nodes=1) as cluster, socket.socket() as held:
+        env = {**cluster.env, "MATHTIR_PYTHON": sys.executable}
+        sbatch_args = ["--nodes=1", "--cpus-per-task=2", "--mem=4G"]
+        ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        job = cluster.submit(["slurm/eval.sh", *args], cwd=REPO, env={**env, "EVAL_RAY_PORT": str(ephemeral - 7000)},
+                             sbatch_args=[*sbatch_args, f"--output={tmp_path / 'range.out'}"])
+        info = cluster.wait(job, timeout=120)
+        assert (info.state, info.exit_code) == ("FAILED", "2:0"), cluster.job_output(job)[-3000:]
+        assert f"EVAL_RAY_PORT={ephemeral - 7000}" in cluster.job_output(job)
+
+        held.bind(("127.0.0.1", base + 2000))  # the Ray Client port of the head
+        held.listen()
+        job = cluster.submit(["slurm/eval.sh", *args], cwd=REPO, env={**env, "EVAL_RAY_PORT": str(base)},
+                             sbatch_args=[*sbatch_args, f"--output={tmp_path / 'taken.out'}"])
+        info = cluster.wait(job, timeout=300)
+        output = cluster.job_output(job)
+        assert info.state == "FAILED", output[-3000:]
+        assert "the Ray head exited" in output and "Address already in use" in output, output[-3000:]

@@ -99,8 +99,11 @@ class RayHead:
         self.temp_dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
         (self.gcs_port, self.dashboard_port, client_port, node_manager_port, object_manager_port,
          metrics_port, agent_listen_port, agent_grpc_port, runtime_env_port) = _free_ports(9)
-        # Below the kernel's ephemeral range (32768+), where the ports above came from.
-        worker_lo = 10000 + (os.getpid() * 97) % 21000
+        # Worker ports: below the kernel's ephemeral range (32768+), where the ports above came from, and above
+        # the ports the Slurm scripts fix per job (20000-28999) and the Slurm jobs' own Ray workers (10002-19999),
+        # one window per pytest-xdist worker, so that heads and jobs running side by side never share a port.
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+        worker_lo = 29000 + 1000 * ((int(worker[2:]) if worker[2:].isdigit() else 0) % 3)
         cmd = [
             str(VENV_BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
             "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",

@@ -88,10 +88,10 @@ class LocalSlurmCluster:
         self.preempt_grace_s = preempt_grace_s
         self.node_addr = node_addr
         # The scripts derive ports from the job id (slurm/common.sh MASTER_PORT, slurm/ray_cluster.sh), as ids are
-        # unique within a real cluster. Clusters of two pytest-xdist workers run side by side on one machine:
-        # their job ids start 1000 apart, so their jobs never pick the same ports.
+        # unique within a real cluster (ports from the id modulo 1000). Clusters of two pytest-xdist workers run
+        # side by side on one machine: their job ids start 500 apart, so their jobs never pick the same ports.
         worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-        self.first_job_id = 1 + 1000 * (int(worker[2:]) if worker[2:].isdigit() else 0)
+        self.first_job_id = 1 + 500 * (int(worker[2:]) if worker[2:].isdigit() else 0)
         self.conf_path = self.root / "slurm.conf"
         self.munge_socket = self.root / "munge" / "munge.socket"
         self._procs: dict[str, subprocess.Popen] = {}
