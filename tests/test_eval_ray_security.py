@@ -322,7 +322,6 @@ def test_slurm_eval_job_binds_the_internal_interface_and_refuses_callers_without
         assert not alive(procs), f"Ray processes of the cancelled job still alive: {alive(procs)}"
 
 
-
 def test_slurm_eval_job_ends_at_once_when_its_ray_ports_are_out_of_range_or_taken(tir_tiny_dir, tmp_path):  # noqa: F811
     """The job's Ray ports lie below the kernel's ephemeral range (a port in it may be held by any outgoing
     connection on the node: a Ray Client port of 34009 once was), and a Ray head that cannot start ends the
